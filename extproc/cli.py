@@ -1,0 +1,154 @@
+"""The `extproc` command: serve, dev, policy check, fake-vllm."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from extproc.policy import PolicyError, example_policy_path, load_policy
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.server import ServeOptions, configure_logging, serve
+
+    configure_logging(args.log_level)
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return serve(ServeOptions(args.listen, policy, args.workers, args.grace_seconds))
+
+
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        from extproc.core import Gateway
+
+        Gateway(policy)  # loads every tokenizer the policy names
+    except ValueError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    names = sum(1 + len(m.aliases) for m in policy.models)
+    print(f"{args.file}: ok ({len(policy.models)} models, {names} public names, {len(policy.backends)} backends)")
+    return 0
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from extproc.stack import LocalStack
+
+    try:
+        stack = LocalStack(
+            Path(args.policy), listen_port=args.port, workers=args.workers, token_delay_ms=args.token_delay_ms
+        )
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    stop_requested = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    print(f"extproc dev: starting (logs in {stack.work_dir})", flush=True)
+    try:
+        stack.start()
+    except RuntimeError as exc:
+        print(f"extproc dev: failed to start: {exc}", file=sys.stderr)
+        return 1
+    model = stack.policy.models[0].name
+    print(
+        f"""
+extproc dev is running.
+  base URL : {stack.base_url}
+  policy   : {args.policy}
+  backends : {", ".join(f"{u.name}=127.0.0.1:{u.port}" for u in stack.upstreams)}
+  logs     : {stack.work_dir}
+
+Try it:
+  curl -s {stack.base_url}/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}' -i
+
+Or with the openai SDK: OpenAI(base_url="{stack.base_url}", api_key="sk-demo")
+Press Ctrl-C to stop.""",
+        flush=True,
+    )
+    code = 0
+    while not stop_requested:
+        dead = [p for p in stack.processes if not p.alive()]
+        if dead:
+            for process in dead:
+                print(f"extproc dev: {process.name} exited:\n{process.tail()}", file=sys.stderr)
+            code = 1
+            break
+        time.sleep(0.2)
+    print("\nextproc dev: stopping", flush=True)
+    stack.stop()
+    return code
+
+
+def _cmd_null(args: argparse.Namespace) -> int:
+    from extproc.null_processor import main as null_main
+
+    return null_main(args.listen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description="LLM traffic gateway (Envoy ext_proc)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
+    serve.add_argument("--listen", default=_env("EXTPROC_LISTEN", "0.0.0.0:50051"), help="host:port ($EXTPROC_LISTEN)")
+    serve.add_argument("--policy", default=_env("EXTPROC_POLICY", str(example_policy_path())),
+                       help="policy YAML ($EXTPROC_POLICY)")
+    serve.add_argument("--workers", type=int, default=int(_env("EXTPROC_WORKERS", "1")),
+                       help="processes sharing the port ($EXTPROC_WORKERS)")
+    serve.add_argument("--grace-seconds", type=float, default=float(_env("EXTPROC_GRACE_SECONDS", "30")),
+                       help="how long in-flight streams may finish after SIGTERM")
+    serve.add_argument("--log-level", default=_env("EXTPROC_LOG_LEVEL", "info"))
+    serve.set_defaults(func=_cmd_serve)
+
+    policy = sub.add_parser("policy", help="policy tools")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_sub.add_parser("check", help="validate a policy file without starting")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_policy_check)
+
+    dev = sub.add_parser("dev", help="run the local stack: Envoy + extproc + fake vLLMs")
+    dev.add_argument("--policy", default=str(example_policy_path()))
+    dev.add_argument("--port", type=int, default=10000, help="Envoy listener port")
+    dev.add_argument("--workers", type=int, default=1)
+    dev.add_argument("--token-delay-ms", type=float, default=20.0, help="fake vLLM delay per generated token")
+    dev.set_defaults(func=_cmd_dev)
+
+    fake = sub.add_parser("fake-vllm", help="a protocol-faithful fake vLLM server", add_help=False)
+    fake.set_defaults(func=None)
+
+    null = sub.add_parser("null-extproc", help="a do-nothing ext_proc (benchmark floor)")
+    null.add_argument("--listen", required=True)
+    null.set_defaults(func=_cmd_null)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-vllm"]:
+        from extproc.fake_vllm import main as fake_main
+
+        return fake_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,356 @@
+"""The sans-IO gateway core: plain data in, decisions out.
+
+`Gateway` is built once per policy and precomputes everything a request would
+otherwise look up. Per request the adapter calls, in order:
+
+1. `on_request_headers` -> `Passthrough` | `NeedBody` | `Reply`
+2. `on_request_body`    -> `Admission` (or raises `GatewayError`)
+3. `ResponseWatcher`    -> reads usage from the JSON body or the SSE stream.
+
+Nothing here knows about gRPC or Envoy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from extproc import errors, names
+from extproc.endpoints import TRANSLATORS, ChatFraming, Translator
+from extproc.errors import GatewayError
+from extproc.policy import CapAction, Policy
+from extproc.sse import SseUsageReader, Usage, usage_from_json_body
+from extproc.tokenizer import TokenCounter, counter_for
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledModel:
+    """A policy model with every default and global ceiling already applied."""
+
+    name: str
+    backend: str
+    subset: str
+    served_name: str
+    endpoints: frozenset[str]
+    max_model_len: int
+    counter: TokenCounter
+    prompt_cap: int
+    completion_cap: int
+    default_completion: int
+    cap_action: CapAction
+    allowed_params: frozenset[str] | None
+    denied_params: frozenset[str]
+
+
+# --- what the core answers --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """Not an inference call: let it through, minus any routing header the client forged."""
+
+    strip_headers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NeedBody:
+    translator: Translator
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A response the gateway sends itself (errors, /v1/models)."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_error(cls, error: GatewayError) -> Reply:
+        headers = (("content-type", names.JSON_CONTENT_TYPE), *error.headers.items())
+        return cls(error.status, error.body(), headers)
+
+
+@dataclass(slots=True)
+class Admission:
+    """An accepted inference request and everything later phases need to know about it."""
+
+    model: CompiledModel
+    endpoint: str
+    set_headers: list[tuple[str, str]]
+    body: bytes | None  # the rewritten body, None when the original goes upstream as is
+    prompt_tokens: int
+    completion_tokens: int  # the most the backend may generate: cap x sequences
+    stream: bool
+    hide_usage_event: bool
+    notes: list[str] = field(default_factory=list)  # normalizations applied, for the log
+
+
+class Gateway:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        gw = policy.gateway
+        self.backend_header = gw.backend_header
+        self.max_body_bytes = gw.max_body_bytes
+        self.max_stop_sequences = gw.max_stop_sequences
+        self.framing = ChatFraming(gw.tokens_per_message, gw.tokens_per_reply, gw.tokens_per_image)
+        self.models: dict[str, CompiledModel] = {}
+        listing = []
+        created = int(time.time())
+        for spec in policy.models:
+            completion_cap = min(spec.max_completion_tokens or gw.max_completion_tokens, gw.max_completion_tokens)
+            compiled = CompiledModel(
+                name=spec.name,
+                backend=spec.backend,
+                subset=policy.subset(spec.backend),
+                served_name=spec.served_name or spec.name,
+                endpoints=frozenset(spec.endpoints),
+                max_model_len=spec.max_model_len,
+                counter=counter_for(spec.tokenizer),
+                prompt_cap=min(spec.max_prompt_tokens or gw.max_prompt_tokens, gw.max_prompt_tokens),
+                completion_cap=completion_cap,
+                default_completion=min(spec.default_max_tokens or gw.default_max_tokens, completion_cap),
+                cap_action=spec.completion_cap or gw.completion_cap,
+                allowed_params=frozenset(spec.params.allow) if spec.params.allow is not None else None,
+                denied_params=frozenset(spec.params.deny),
+            )
+            for public in (spec.name, *spec.aliases):
+                self.models[public] = compiled
+                listing.append(
+                    {
+                        "id": public,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "extproc",
+                        "max_model_len": spec.max_model_len,
+                    }
+                )
+        self._models_reply = Reply(
+            200,
+            orjson.dumps({"object": "list", "data": listing}),
+            (("content-type", names.JSON_CONTENT_TYPE),),
+        )
+        self._strip_on_passthrough = (self.backend_header,)
+
+    # --- request headers -----------------------------------------------------------------
+
+    def on_request_headers(
+        self, headers: dict[str, str], end_of_stream: bool = False
+    ) -> Passthrough | NeedBody | Reply:
+        path = headers.get(names.PATH, "/").split("?", 1)[0]
+        method = headers.get(names.METHOD, "GET")
+        if path == names.MODELS:
+            if method in ("GET", "HEAD"):
+                return self._models_reply
+            return Reply.from_error(errors.method_not_allowed(method, path))
+        translator = TRANSLATORS.get(path)
+        if translator is None:
+            return Passthrough(self._strip_on_passthrough if self.backend_header in headers else ())
+        try:
+            self._check_head(headers, method, path, end_of_stream)
+        except GatewayError as exc:
+            return Reply.from_error(exc)
+        return NeedBody(translator)
+
+    def _check_head(self, headers: dict[str, str], method: str, path: str, end_of_stream: bool) -> None:
+        if method != "POST":
+            raise errors.method_not_allowed(method, path)
+        content_type = headers.get(names.CONTENT_TYPE)
+        if content_type is not None:
+            media = content_type.split(";", 1)[0].strip().lower()
+            if media != names.JSON_CONTENT_TYPE and not media.endswith("+json"):
+                raise errors.unsupported_media_type(content_type)
+        length = headers.get(names.CONTENT_LENGTH)
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise errors.body_too_large(self.max_body_bytes)
+        if end_of_stream:
+            raise errors.invalid_request("The request has no body; send a JSON object.")
+
+    # --- request body --------------------------------------------------------------------
+
+    def on_request_body(self, translator: Translator, raw: bytes) -> Admission:
+        if len(raw) > self.max_body_bytes:
+            raise errors.body_too_large(self.max_body_bytes)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise errors.invalid_request(
+                "We could not parse the JSON body of your request: it is not valid JSON.", code="invalid_json"
+            ) from None
+        if not isinstance(body, dict):
+            raise errors.invalid_request("The request body must be a JSON object.")
+        requested_model = body.get("model")
+        if not isinstance(requested_model, str) or not requested_model:
+            raise errors.invalid_request("`model` is required and must be a string.", "model")
+        model = self.models.get(requested_model)
+        if model is None:
+            raise errors.model_not_found(requested_model)
+        if translator.endpoint not in model.endpoints:
+            raise errors.invalid_request(
+                f"Model `{requested_model}` does not serve the {translator.endpoint} endpoint "
+                f"(it serves: {', '.join(sorted(model.endpoints))}).",
+                "model",
+                code="unsupported_endpoint",
+            )
+        translator.validate(body)
+
+        notes: list[str] = []
+        cost = translator.prompt_cost(body, model.counter, self.framing)
+        prompt_field = {"chat": "messages", "completions": "prompt", "embeddings": "input"}[translator.endpoint]
+        if cost.total > model.prompt_cap:
+            raise errors.invalid_request(
+                f"The prompt is {cost.total} tokens; model `{requested_model}` accepts at most "
+                f"{model.prompt_cap} prompt tokens.",
+                prompt_field,
+                code="prompt_too_long",
+            )
+        changed = False
+        completion = 0
+        if translator.generates:
+            completion, changed = self._settle_completion_cap(translator, body, model, cost.longest, notes)
+        if cost.longest + completion > model.max_model_len:
+            raise _context_exceeded(model.max_model_len, cost.longest, completion, prompt_field)
+
+        changed |= self._normalize(translator, body, model, notes)
+        stream = translator.generates and body.get("stream") is True
+        hide_usage = False
+        if stream:
+            options = body.get("stream_options") or {}
+            if options.get("include_usage") is not True:
+                # We need usage to settle; the client did not ask, so it will not see it.
+                body["stream_options"] = {**options, "include_usage": True}
+                hide_usage = True
+                changed = True
+        new_body = orjson.dumps(body) if changed else None
+        set_headers = [(self.backend_header, model.subset)]
+        if new_body is not None:
+            set_headers.append((names.CONTENT_LENGTH, str(len(new_body))))
+        return Admission(
+            model=model,
+            endpoint=translator.endpoint,
+            set_headers=set_headers,
+            body=new_body,
+            prompt_tokens=cost.total,
+            completion_tokens=completion * translator.sequences(body),
+            stream=stream,
+            hide_usage_event=hide_usage,
+            notes=notes,
+        )
+
+    def _settle_completion_cap(
+        self, translator: Translator, body: dict[str, Any], model: CompiledModel, longest: int, notes: list[str]
+    ) -> tuple[int, bool]:
+        """Return the completion cap that goes upstream and whether the body changed."""
+        requested = translator.requested_completion(body)
+        if requested is None:
+            # Shrink our own default to the room left; the client asked for nothing specific.
+            completion = max(1, min(model.default_completion, model.max_model_len - longest))
+            body["max_tokens"] = completion
+            notes.append(f"max_tokens={completion} (default)")
+            return completion, True
+        if requested <= model.completion_cap:
+            return requested, False
+        field_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        if model.cap_action == "reject":
+            raise errors.invalid_request(
+                f"`{field_name}` is {requested}; model `{body['model']}` allows at most {model.completion_cap}.",
+                field_name,
+                code="max_tokens_exceeded",
+            )
+        for name in ("max_tokens", "max_completion_tokens"):
+            if body.get(name) is not None:
+                body[name] = model.completion_cap
+        notes.append(f"{field_name} clamped {requested}->{model.completion_cap}")
+        return model.completion_cap, True
+
+    def _normalize(self, translator: Translator, body: dict[str, Any], model: CompiledModel, notes: list[str]) -> bool:
+        """Idempotent rewrite: applying it to its own output changes nothing."""
+        changed = False
+        if body["model"] != model.served_name:
+            body["model"] = model.served_name
+            changed = True
+        if "stop" in body:
+            stop = _normalize_stop(body["stop"], self.max_stop_sequences)
+            if stop != body["stop"]:
+                changed = True
+                if stop:
+                    body["stop"] = stop
+                else:
+                    del body["stop"]
+        stripped = [
+            key
+            for key in body
+            if key in model.denied_params
+            or (model.allowed_params is not None and key not in model.allowed_params and key not in translator.essential)
+        ]
+        if stripped:
+            for key in stripped:
+                del body[key]
+            notes.append("stripped " + ",".join(stripped))
+            changed = True
+        return changed
+
+
+def _normalize_stop(value: Any, limit: int) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise errors.invalid_request("`stop` must be a string or an array of strings.", "stop")
+    # dict.fromkeys keeps first occurrences in order.
+    unique = [s for s in dict.fromkeys(items) if s]
+    return unique[:limit]
+
+
+def _context_exceeded(window: int, prompt: int, completion: int, prompt_field: str) -> GatewayError:
+    where = "messages" if prompt_field == "messages" else "prompt"
+    return errors.invalid_request(
+        f"This model's maximum context length is {window} tokens. However, you requested "
+        f"{prompt + completion} tokens ({prompt} in the {where}, {completion} in the completion). "
+        "Please reduce the length of the messages or completion.",
+        prompt_field,
+        code="context_length_exceeded",
+    )
+
+
+# --- response side ------------------------------------------------------------------------
+
+
+class BodyMode(Enum):
+    NONE = "none"  # nothing to read
+    BUFFERED = "buffered"  # one JSON document
+    STREAMED = "streamed"  # SSE, chunk by chunk
+
+
+class ResponseWatcher:
+    """Reads usage from an upstream response without ever holding a whole stream."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.status = 0
+        self.usage: Usage | None = None
+        self._sse: SseUsageReader | None = None
+
+    def on_headers(self, status: int, content_type: str) -> BodyMode:
+        self.status = status
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media == names.SSE_CONTENT_TYPE:
+            self._sse = SseUsageReader(hide_usage_event=self.admission.hide_usage_event)
+            return BodyMode.STREAMED
+        if status == 200 and media == names.JSON_CONTENT_TYPE:
+            return BodyMode.BUFFERED
+        return BodyMode.NONE
+
+    def on_body(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
+        """Returns replacement bytes for the chunk, or None to pass it unchanged."""
+        if self._sse is not None:
+            replacement = self._sse.feed(chunk, end_of_stream)
+            if self._sse.usage is not None:
+                self.usage = self._sse.usage
+            return replacement
+        self.usage = usage_from_json_body(chunk)
+        return None

