@@ -113,12 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
     serve.add_argument("--listen", default=_env("EXTPROC_LISTEN", "0.0.0.0:50051"), help="host:port ($EXTPROC_LISTEN)")
-    serve.add_argument("--policy", default=_env("EXTPROC_POLICY", str(example_policy_path())),
-                       help="policy YAML ($EXTPROC_POLICY)")
-    serve.add_argument("--workers", type=int, default=int(_env("EXTPROC_WORKERS", "1")),
-                       help="processes sharing the port ($EXTPROC_WORKERS)")
-    serve.add_argument("--grace-seconds", type=float, default=float(_env("EXTPROC_GRACE_SECONDS", "30")),
-                       help="how long in-flight streams may finish after SIGTERM")
+    serve.add_argument(
+        "--policy",
+        default=_env("EXTPROC_POLICY", str(example_policy_path())),
+        help="policy YAML ($EXTPROC_POLICY)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("EXTPROC_WORKERS", "1")),
+        help="processes sharing the port ($EXTPROC_WORKERS)",
+    )
+    serve.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=float(_env("EXTPROC_GRACE_SECONDS", "30")),
+        help="how long in-flight streams may finish after SIGTERM",
+    )
     serve.add_argument("--log-level", default=_env("EXTPROC_LOG_LEVEL", "info"))
     serve.set_defaults(func=_cmd_serve)
 
@@ -132,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--policy", default=str(example_policy_path()))
     dev.add_argument("--port", type=int, default=10000, help="Envoy listener port")
     dev.add_argument("--workers", type=int, default=1)
-    dev.add_argument("--token-delay-ms", type=float, default=20.0, help="fake vLLM delay per generated token")
+    dev.add_argument("--token-delay-ms", type=float, default=2.0, help="fake vLLM delay per generated token")
     dev.set_defaults(func=_cmd_dev)
 
     fake = sub.add_parser("fake-vllm", help="a protocol-faithful fake vLLM server", add_help=False)

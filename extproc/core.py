@@ -242,7 +242,12 @@ class Gateway:
         )
 
     def _settle_completion_cap(
-        self, translator: Translator, body: dict[str, Any], model: CompiledModel, longest: int, notes: list[str]
+        self,
+        translator: Translator,
+        body: dict[str, Any],
+        model: CompiledModel,
+        longest: int,
+        notes: list[str],
     ) -> tuple[int, bool]:
         """Return the completion cap that goes upstream and whether the body changed."""
         requested = translator.requested_completion(body)
@@ -275,17 +280,19 @@ class Gateway:
             changed = True
         if "stop" in body:
             stop = _normalize_stop(body["stop"], self.max_stop_sequences)
-            if stop != body["stop"]:
+            if not stop:
+                del body["stop"]
                 changed = True
-                if stop:
-                    body["stop"] = stop
-                else:
-                    del body["stop"]
+            elif stop != body["stop"]:
+                body["stop"] = stop
+                changed = True
         stripped = [
             key
             for key in body
             if key in model.denied_params
-            or (model.allowed_params is not None and key not in model.allowed_params and key not in translator.essential)
+            or (
+                model.allowed_params is not None and key not in model.allowed_params and key not in translator.essential
+            )
         ]
         if stripped:
             for key in stripped:

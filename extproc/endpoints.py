@@ -66,8 +66,7 @@ def _count_sequences(value: Any, counter: TokenCounter, field: str) -> PromptCos
             lengths = [len(x) for x in value]
             return PromptCost(sum(lengths), max(lengths))
     raise invalid_request(
-        f"`{field}` must be a non-empty string, array of strings, array of token ids, "
-        "or array of token-id arrays.",
+        f"`{field}` must be a non-empty string, array of strings, array of token ids, or array of token-id arrays.",
         field,
     )
 
@@ -127,7 +126,8 @@ class ChatCompletions(Translator):
                 for j, part in enumerate(content):
                     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                         raise invalid_request(
-                            f"`{where}.content[{j}]` must be an object with a `type`.", f"{where}.content[{j}]"
+                            f"`{where}.content[{j}]` must be an object with a `type`.",
+                            f"{where}.content[{j}]",
                         )
                     if part["type"] == "text" and not isinstance(part.get("text"), str):
                         raise invalid_request(

@@ -43,8 +43,9 @@ def _cluster(name: str, host: str, port: int, http2: bool = False) -> dict[str, 
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": host, "port_value": port}}}}]}],
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}
+            ],
         },
     }
     if http2:
@@ -82,8 +83,14 @@ def _local_reply_config(setup: EnvoySetup) -> dict[str, Any]:
     """Envoy's own error replies in the OpenAI error shape, so SDKs parse them."""
 
     def mapper(status: int, message: str, type_: str, code: str, flags: list[str] | None = None) -> dict[str, Any]:
-        status_filter = {"status_code_filter": {"comparison": {"op": "EQ", "value": {
-            "default_value": status, "runtime_key": f"extproc_local_reply_{status}"}}}}
+        status_filter = {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": status, "runtime_key": f"extproc_local_reply_{status}"},
+                }
+            }
+        }
         the_filter: dict[str, Any] = status_filter
         if flags:
             the_filter = {"and_filter": {"filters": [status_filter, {"response_flag_filter": {"flags": flags}}]}}
@@ -98,10 +105,19 @@ def _local_reply_config(setup: EnvoySetup) -> dict[str, Any]:
     return {
         "mappers": [
             # Our own 413 has the same text; this one covers bodies without content-length.
-            mapper(413, f"Request body exceeds the gateway's limit of {setup.max_body_bytes} bytes.",
-                   "invalid_request_error", "request_too_large"),
-            mapper(503, "The model backend is unavailable.", "server_error", "backend_unavailable",
-                   ["UH", "UF", "UO", "URX", "NR"]),
+            mapper(
+                413,
+                f"Request body exceeds the gateway's limit of {setup.max_body_bytes} bytes.",
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            mapper(
+                503,
+                "The model backend is unavailable.",
+                "server_error",
+                "backend_unavailable",
+                ["UH", "UF", "UO", "URX", "NR"],
+            ),
             mapper(504, "The model backend timed out.", "server_error", "backend_timeout", ["UT"]),
         ]
     }
@@ -110,28 +126,41 @@ def _local_reply_config(setup: EnvoySetup) -> dict[str, Any]:
 def render(setup: EnvoySetup) -> str:
     routes: list[dict[str, Any]] = list(setup.extra_routes)
     for upstream in setup.upstreams:
-        routes.append({
-            "match": {"prefix": "/", "headers": [
-                {"name": setup.backend_header, "string_match": {"exact": upstream.name}}]},
-            "route": {"cluster": f"backend_{upstream.name}", "timeout": "0s"},
-        })
+        routes.append(
+            {
+                "match": {
+                    "prefix": "/",
+                    "headers": [{"name": setup.backend_header, "string_match": {"exact": upstream.name}}],
+                },
+                "route": {"cluster": f"backend_{upstream.name}", "timeout": "0s"},
+            }
+        )
     # No routing header (health checks, unknown paths): the first backend answers.
-    routes.append({"match": {"prefix": "/"},
-                   "route": {"cluster": f"backend_{setup.upstreams[0].name}", "timeout": "0s"}})
+    routes.append(
+        {
+            "match": {"prefix": "/"},
+            "route": {"cluster": f"backend_{setup.upstreams[0].name}", "timeout": "0s"},
+        }
+    )
     http_filters: list[dict[str, Any]] = []
     if setup.extproc_port is not None:
         http_filters.append(_ext_proc_filter(setup))
-    http_filters.append({
-        "name": "envoy.filters.http.router",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-    })
+    http_filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        }
+    )
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-                 ".HttpConnectionManager",
+        ".HttpConnectionManager",
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
         "stream_idle_timeout": "300s",
-        "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
+        "route_config": {
+            "name": "llm",
+            "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
+        },
         "http_filters": http_filters,
         "local_reply_config": _local_reply_config(setup),
     }
@@ -141,14 +170,17 @@ def render(setup: EnvoySetup) -> str:
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": setup.admin_port}}},
         "static_resources": {
-            "listeners": [{
-                "name": "llm",
-                "address": {"socket_address": {"address": setup.host, "port_value": setup.listen_port}},
-                # BUFFERED bodies live in this buffer: it must hold the largest body we accept.
-                "per_connection_buffer_limit_bytes": setup.max_body_bytes + (64 << 10),
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-            }],
+            "listeners": [
+                {
+                    "name": "llm",
+                    "address": {"socket_address": {"address": setup.host, "port_value": setup.listen_port}},
+                    # BUFFERED bodies live in this buffer: it must hold the largest body we accept.
+                    "per_connection_buffer_limit_bytes": setup.max_body_bytes + (64 << 10),
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
             "clusters": clusters,
         },
     }

@@ -53,9 +53,7 @@ def model_not_found(model: str) -> GatewayError:
 
 
 def body_too_large(limit: int) -> GatewayError:
-    return GatewayError(
-        413, f"Request body exceeds the gateway's limit of {limit} bytes.", code="request_too_large"
-    )
+    return GatewayError(413, f"Request body exceeds the gateway's limit of {limit} bytes.", code="request_too_large")
 
 
 def unsupported_media_type(content_type: str) -> GatewayError:

@@ -30,7 +30,7 @@ _RESPONSE_HEADERS = {
 
 
 class NullProcessor(pb_grpc.ExternalProcessorServicer):
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         async for request in request_iterator:

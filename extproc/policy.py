@@ -53,7 +53,7 @@ class ModelPolicy(_Strict):
     aliases: list[str] = Field(default_factory=list)
     backend: str = Field(description="key in `backends`")
     served_name: str | None = Field(default=None, description="name the backend serves; defaults to `name`")
-    endpoints: list[Endpoint] = Field(default_factory=lambda: ["chat", "completions"])
+    endpoints: list[Endpoint] = Field(default_factory=lambda: list[Endpoint](["chat", "completions"]))
     max_model_len: PositiveInt
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     max_prompt_tokens: PositiveInt | None = None
@@ -114,9 +114,12 @@ class Policy(_Strict):
                 if public in seen:
                     raise ValueError(f"models[{model.name}]: name {public!r} is already used by {seen[public]}")
                 seen[public] = f"models[{model.name}]"
-            if model.default_max_tokens and model.max_completion_tokens:
-                if model.default_max_tokens > model.max_completion_tokens:
-                    raise ValueError(f"models[{model.name}].default_max_tokens exceeds max_completion_tokens")
+            if (
+                model.default_max_tokens
+                and model.max_completion_tokens
+                and (model.default_max_tokens > model.max_completion_tokens)
+            ):
+                raise ValueError(f"models[{model.name}].default_max_tokens exceeds max_completion_tokens")
         return self
 
     def subset(self, backend: str) -> str:

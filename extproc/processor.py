@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from extproc import names
-from extproc.core import Admission, BodyMode, Gateway, NeedBody, Passthrough, Reply, ResponseWatcher
+from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.errors import GatewayError
 
 log = logging.getLogger("extproc.request")
@@ -207,7 +207,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = RequestStream(self.gateway)

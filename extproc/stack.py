@@ -65,7 +65,11 @@ class ManagedProcess:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop children in order
         )
         log.close()
@@ -161,20 +165,44 @@ class LocalStack:
             if self.extproc == "null":
                 argv = self._python("null-extproc", "--listen", listen)
             else:
-                argv = self._python("serve", "--listen", listen, "--policy", str(self.policy_path),
-                                    "--workers", str(self.workers), "--log-level", self.log_level)
+                argv = self._python(
+                    "serve",
+                    "--listen",
+                    listen,
+                    "--policy",
+                    str(self.policy_path),
+                    "--workers",
+                    str(self.workers),
+                    "--log-level",
+                    self.log_level,
+                )
             waits.append((self._add("extproc", argv), extproc_port))
         config = self.work_dir / "envoy.yaml"
-        config.write_text(render(EnvoySetup(
-            listen_port=self.listen_port,
-            admin_port=self.admin_port,
-            upstreams=self.upstreams,
-            extproc_port=extproc_port,
-            backend_header=self.policy.gateway.backend_header,
-            max_body_bytes=self.policy.gateway.max_body_bytes,
-        )))
-        envoy = self._add("envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart",
-                                    "--concurrency", str(self.envoy_concurrency), "--log-level", "warn"])
+        config.write_text(
+            render(
+                EnvoySetup(
+                    listen_port=self.listen_port,
+                    admin_port=self.admin_port,
+                    upstreams=self.upstreams,
+                    extproc_port=extproc_port,
+                    backend_header=self.policy.gateway.backend_header,
+                    max_body_bytes=self.policy.gateway.max_body_bytes,
+                )
+            )
+        )
+        envoy = self._add(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c",
+                str(config),
+                "--disable-hot-restart",
+                "--concurrency",
+                str(self.envoy_concurrency),
+                "--log-level",
+                "warn",
+            ],
+        )
         waits.append((envoy, f"http://127.0.0.1:{self.admin_port}/ready"))
         deadline = time.monotonic() + timeout
         for process, target in waits:

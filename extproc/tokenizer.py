@@ -7,7 +7,7 @@ Nothing here ever downloads.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Protocol
 
 from extproc.policy import TokenizerSpec
@@ -57,7 +57,7 @@ class HuggingFaceCounter:
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-@lru_cache(maxsize=None)
+@cache
 def counter_for(spec: TokenizerSpec) -> TokenCounter:
     """One counter per distinct spec, shared by every model that names it."""
     if spec.kind == "huggingface":

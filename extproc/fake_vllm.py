@@ -1,0 +1,711 @@
+"""A protocol-faithful fake of vLLM's OpenAI-compatible HTTP server.
+
+It exists so the gateway can be tested (and benchmarked) against something that
+speaks vLLM's wire format -- error bodies, SSE framing, `/metrics` names -- without
+a GPU or the `vllm` package. Output is deterministic: a request asking for N
+tokens always gets the same N short words, so tests can control stream length
+through `max_tokens`.
+
+Run standalone with `python -m extproc.fake_vllm --port 8001 --name a`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import signal
+import struct
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+__all__ = ["build_app", "main", "serve"]
+
+log = logging.getLogger(__name__)
+
+# vLLM's own fallback when it cannot read a context length from the model config is
+# far larger, but 8192 is a realistic value that still lets tests trip the limit cheaply.
+ANY_MODEL_MAX_LEN = 8192
+# The name advertised by /v1/models and used as the metrics label when any model is
+# accepted: per-requested-name series would let clients grow /metrics without bound.
+ANY_MODEL_NAME = "fake-model"
+# Running requests that count as a "full" KV cache; only the gauge's shape matters.
+KV_CACHE_SLOTS = 64
+DEBUG_HISTORY = 100
+# Big prompts are a normal test input (context-length errors); aiohttp's 1 MiB default
+# would turn them into 413s that real vLLM never sends.
+CLIENT_MAX_SIZE = 64 * 1024 * 1024
+# When streaming without a delay, hand the loop back now and then so one long stream
+# cannot starve concurrent requests when the fake is used as a benchmark upstream.
+YIELD_EVERY_TOKENS = 32
+
+_WORDS = ("hello", "world", "fake", "vllm", "token", "stream", "test", "data")
+_TOKENS = tuple(w + " " for w in _WORDS)
+
+_JSON = "application/json"
+_SSE = "text/event-stream; charset=utf-8"
+_PROM = "text/plain; version=0.0.4; charset=utf-8"
+_DONE = b"data: [DONE]\n\n"
+
+
+class _ApiError(Exception):
+    """A request vLLM would refuse; carries what the client should see."""
+
+    def __init__(self, status: int, message: str, err_type: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type
+
+    def response(self) -> web.Response:
+        return _error_response(self.status, self.message, self.err_type)
+
+
+def _error_response(status: int, message: str, err_type: str) -> web.Response:
+    # The newer vLLM shape: `code` is the integer HTTP status, not an OpenAI string code.
+    body = {"error": {"message": message, "type": err_type, "param": None, "code": status}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+
+
+def _bad_request(message: str) -> _ApiError:
+    return _ApiError(400, message, "BadRequestError")
+
+
+class _ModelStats:
+    __slots__ = ("generation_tokens", "prompt_tokens", "running", "success")
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.success = 0
+
+
+@functools.lru_cache(maxsize=256)
+def _completion_text(n_tokens: int) -> str:
+    return "".join(_TOKENS[i % len(_TOKENS)] for i in range(n_tokens))
+
+
+def _count_words(text: str) -> int:
+    return len(text.split())
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; JSON `true` must not pass as a token id or a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _chat_prompt_tokens(messages: object) -> int:
+    if not isinstance(messages, list) or not messages:
+        raise _bad_request("`messages` must be a non-empty list of messages.")
+    total = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            raise _bad_request("Each message must be an object.")
+        # Roughly what a chat template adds around each turn.
+        total += 4
+        content = message.get("content")
+        if isinstance(content, str):
+            total += _count_words(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    total += _count_words(part["text"])
+        elif content is not None:
+            raise _bad_request("Message `content` must be a string or a list of content parts.")
+    return total
+
+
+def _completion_prompt_tokens(prompt: object) -> list[int]:
+    """Token count per prompt; the completions API accepts a batch of prompts."""
+    if isinstance(prompt, str):
+        return [_count_words(prompt)]
+    if isinstance(prompt, list) and prompt:
+        if all(_is_int(t) for t in prompt):
+            return [len(prompt)]
+        if all(isinstance(p, str) for p in prompt):
+            return [_count_words(p) for p in prompt]
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return [len(p) for p in prompt]
+    raise _bad_request(
+        "`prompt` must be a string, an array of strings, an array of tokens, or an array of token arrays."
+    )
+
+
+def _embedding_inputs(inp: object) -> list[tuple[bytes, int]]:
+    """(hash key, token count) per input, so identical inputs embed identically."""
+    if isinstance(inp, str):
+        return [(inp.encode(), _count_words(inp))]
+    if isinstance(inp, list) and inp:
+        if all(_is_int(t) for t in inp):
+            return [(orjson.dumps(inp), len(inp))]
+        if all(isinstance(s, str) for s in inp):
+            return [(s.encode(), _count_words(s)) for s in inp]
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in inp):
+            return [(orjson.dumps(p), len(p)) for p in inp]
+    raise _bad_request(
+        "`input` must be a string, an array of strings, an array of tokens, or an array of token arrays."
+    )
+
+
+def _embedding(key: bytes) -> list[float]:
+    raw = struct.unpack("<8I", hashlib.blake2b(key, digest_size=32).digest())
+    vec = [r / 0xFFFFFFFF * 2.0 - 1.0 for r in raw]
+    # vLLM normalises embedding outputs by default; clients may rely on unit length.
+    norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+    return [x / norm for x in vec]
+
+
+def _positive_int(body: dict[str, Any], key: str, default: int) -> int:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not _is_int(value) or value < 1:
+        raise _bad_request(f"{key} must be at least 1, got {value}.")
+    return int(value)
+
+
+def _max_output_tokens(body: dict[str, Any], default: int) -> int:
+    # max_completion_tokens is the newer OpenAI name and wins, as in vLLM.
+    if body.get("max_completion_tokens") is not None:
+        return _positive_int(body, "max_completion_tokens", default)
+    return _positive_int(body, "max_tokens", default)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric_block(lines: list[str], name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+    # Text format 0.0.4 (what prometheus_client emits): counters keep `_total` in HELP/TYPE.
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for model, value in samples:
+        lines.append(f'{name}{{model_name="{_escape_label(model)}"}} {float(value)!r}')
+
+
+class _FakeVllm:
+    def __init__(self, name: str, models: dict[str, int] | None, token_delay_s: float, default_max_tokens: int) -> None:
+        self.name = name
+        self.models: dict[str, int] = dict(models) if models else {}
+        self.token_delay_s = token_delay_s
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+        self.stats: dict[str, _ModelStats] = {
+            m: _ModelStats() for m in (self.models or {ANY_MODEL_NAME: ANY_MODEL_MAX_LEN})
+        }
+        self.history: deque[dict[str, Any]] = deque(maxlen=DEBUG_HISTORY)
+        self.default_model = next(iter(self.models), ANY_MODEL_NAME)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        # A signal rather than per-handler headers so aiohttp's own error responses
+        # (413, 500, ...) are attributed to this upstream too.
+        response.headers["x-served-by"] = self.name
+
+    async def _read(self, request: web.Request) -> Any:
+        """Read, record and decode the body; raises a vLLM-style 400 on bad JSON."""
+        raw = await request.read()
+        body: Any = None
+        error: _ApiError | None = None
+        if raw:
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                error = _bad_request(f"Invalid JSON body: {exc}")
+        self.history.append(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "body": body,
+                "raw_body_length": len(raw),
+            }
+        )
+        if error is not None:
+            raise error
+        return body
+
+    async def _read_object(self, request: web.Request) -> dict[str, Any]:
+        body = await self._read(request)
+        if not isinstance(body, dict):
+            raise _bad_request("Request body must be a JSON object.")
+        return body
+
+    def _resolve_model(self, body: dict[str, Any]) -> tuple[str, int, _ModelStats]:
+        """(model name to echo, max_model_len, stats bucket)."""
+        model = body.get("model")
+        if model is None:
+            # vLLM serves its (first) model when the client names none.
+            model = self.default_model
+        if not isinstance(model, str):
+            raise _bad_request("`model` must be a string.")
+        if not self.models:
+            return model, ANY_MODEL_MAX_LEN, self.stats[ANY_MODEL_NAME]
+        max_len = self.models.get(model)
+        if max_len is None:
+            raise _ApiError(404, f"The model `{model}` does not exist.", "NotFoundError")
+        return model, max_len, self.stats[model]
+
+    # -- simple endpoints -------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        await self._read(request)
+        served = self.models or {ANY_MODEL_NAME: ANY_MODEL_MAX_LEN}
+        data = [
+            {
+                "id": m,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "vllm",
+                "root": m,
+                "parent": None,
+                "max_model_len": max_len,
+            }
+            for m, max_len in served.items()
+        ]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=_JSON)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        stats = self.stats.items()
+        lines: list[str] = []
+        _metric_block(
+            lines,
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            ((m, s.running) for m, s in stats),
+        )
+        _metric_block(
+            lines,
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            # The fake never queues: every request is "scheduled" immediately.
+            ((m, 0) for m, _ in stats),
+        )
+        _metric_block(
+            lines,
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            ((m, min(1.0, s.running / KV_CACHE_SLOTS)) for m, s in stats),
+        )
+        _metric_block(
+            lines,
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Number of prefill tokens processed.",
+            ((m, s.prompt_tokens) for m, s in stats),
+        )
+        _metric_block(
+            lines,
+            "vllm:generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            ((m, s.generation_tokens) for m, s in stats),
+        )
+        _metric_block(
+            lines,
+            "vllm:request_success_total",
+            "counter",
+            "Count of successfully processed requests.",
+            ((m, s.success) for m, s in stats),
+        )
+        lines.append("")
+        return web.Response(body="\n".join(lines).encode(), headers={"Content-Type": _PROM})
+
+    async def debug_requests(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"requests": list(self.history)}), content_type=_JSON)
+
+    async def debug_clear(self, request: web.Request) -> web.Response:
+        self.history.clear()
+        return web.Response(status=204)
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        # Recorded so tests can see a gateway forwarding somewhere it should not.
+        with contextlib.suppress(_ApiError):
+            await self._read(request)
+        return _error_response(404, f"Not Found: {request.path}", "NotFoundError")
+
+    async def method_not_allowed(self, request: web.Request) -> web.Response:
+        with contextlib.suppress(_ApiError):
+            await self._read(request)
+        return _error_response(405, f"Method {request.method} not allowed", "MethodNotAllowedError")
+
+    # -- inference endpoints ----------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            body = await self._read_object(request)
+            model, max_len, stats = self._resolve_model(body)
+            if chat:
+                prompts = [_chat_prompt_tokens(body.get("messages"))]
+            else:
+                if "prompt" not in body:
+                    raise _bad_request("`prompt` is required.")
+                prompts = _completion_prompt_tokens(body["prompt"])
+            n_out = _max_output_tokens(body, self.default_max_tokens)
+            n = _positive_int(body, "n", 1)
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool):
+                raise _bad_request("`stream` must be a boolean.")
+            stream_options = body.get("stream_options")
+            if stream_options is not None and not stream:
+                raise _bad_request("Stream options can only be defined when `stream=True`.")
+            include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+            where = "messages" if chat else "prompt"
+            for p in prompts:
+                if p + n_out > max_len:
+                    raise _bad_request(
+                        f"This model's maximum context length is {max_len} tokens. However, you requested "
+                        f"{p + n_out} tokens ({p} in the {where}, {n_out} in the completion). "
+                        f"Please reduce the length of the {where} or completion."
+                    )
+        except _ApiError as exc:
+            return exc.response()
+
+        prompt_tokens = sum(prompts)
+        n_choices = len(prompts) * n
+        # vLLM schedules each prompt of a batch as its own engine request.
+        stats.running += len(prompts)
+        stats.prompt_tokens += prompt_tokens
+        try:
+            if stream:
+                return await self._stream(
+                    request, stats, chat, model, len(prompts), n_choices, n_out, prompt_tokens, include_usage
+                )
+            if self.token_delay_s > 0:
+                # Keep non-streamed latency consistent with streamed latency.
+                await asyncio.sleep(self.token_delay_s * n_out)
+            stats.generation_tokens += n_out * n_choices
+            stats.success += len(prompts)
+            return web.Response(
+                body=orjson.dumps(_full_response(chat, model, n_choices, n_out, prompt_tokens)),
+                content_type=_JSON,
+            )
+        finally:
+            stats.running -= len(prompts)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        stats: _ModelStats,
+        chat: bool,
+        model: str,
+        n_prompts: int,
+        n_choices: int,
+        n_out: int,
+        prompt_tokens: int,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": _SSE, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        if chat:
+            req_id, obj = f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk"
+        else:
+            req_id, obj = f"cmpl-{uuid.uuid4().hex}", "text_completion"
+        created = int(time.time())
+        delay = self.token_delay_s
+        generated = 0
+
+        def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+            chunk: dict[str, Any] = {
+                "id": req_id,
+                "object": obj,
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
+            if usage is not None:
+                chunk["usage"] = usage
+            return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+        try:
+            if chat:
+                # vLLM opens every chat choice with a role-only delta before any text.
+                for i in range(n_choices):
+                    await response.write(
+                        event(
+                            [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
+            for t in range(n_out):
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif t and t % YIELD_EVERY_TOKENS == 0:
+                    await asyncio.sleep(0)
+                token = _TOKENS[t % len(_TOKENS)]
+                finish = "length" if t == n_out - 1 else None
+                for i in range(n_choices):
+                    if chat:
+                        choice: dict[str, Any] = {
+                            "index": i,
+                            "delta": {"content": token},
+                            "logprobs": None,
+                            "finish_reason": finish,
+                        }
+                    else:
+                        choice = {"index": i, "text": token, "logprobs": None, "finish_reason": finish}
+                    # One write per event so each goes out as its own HTTP chunk, as in vLLM.
+                    await response.write(event([choice]))
+                generated += n_choices
+            if include_usage:
+                await response.write(event([], _usage(prompt_tokens, n_out * n_choices)))
+            await response.write(_DONE)
+            stats.success += n_prompts
+        except ConnectionError:
+            # Client went away mid-stream (ConnectionResetError / BrokenPipeError):
+            # normal for streaming, nothing to report. aiohttp tolerates the
+            # already-broken response being returned.
+            pass
+        finally:
+            stats.generation_tokens += generated
+        return response
+
+    # -- embeddings -------------------------------------------------------------------
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._read_object(request)
+            model, max_len, stats = self._resolve_model(body)
+            if "input" not in body:
+                raise _bad_request("`input` is required.")
+            inputs = _embedding_inputs(body["input"])
+            fmt = body.get("encoding_format") or "float"
+            if fmt not in ("float", "base64"):
+                raise _bad_request(f"Unsupported encoding_format: {fmt!r}.")
+            for _, p in inputs:
+                if p > max_len:
+                    raise _bad_request(
+                        f"This model's maximum context length is {max_len} tokens. However, you requested "
+                        f"{p} tokens in the input for embedding generation. Please reduce the length of "
+                        "the input."
+                    )
+        except _ApiError as exc:
+            return exc.response()
+
+        data: list[dict[str, Any]] = []
+        for i, (key, _) in enumerate(inputs):
+            vec = _embedding(key)
+            # The openai Python client asks for base64 by default, so this path is not exotic.
+            emb: list[float] | str = (
+                base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec
+            )
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        prompt_tokens = sum(p for _, p in inputs)
+        stats.prompt_tokens += prompt_tokens
+        stats.success += len(inputs)
+        payload = {
+            "id": f"embd-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+        return web.Response(body=orjson.dumps(payload), content_type=_JSON)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _full_response(chat: bool, model: str, n_choices: int, n_out: int, prompt_tokens: int) -> dict[str, Any]:
+    text = _completion_text(n_out)
+    choices: list[dict[str, Any]]
+    if chat:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "length",
+                "logprobs": None,
+            }
+            for i in range(n_choices)
+        ]
+        req_id, obj = f"chatcmpl-{uuid.uuid4().hex}", "chat.completion"
+    else:
+        choices = [{"index": i, "text": text, "finish_reason": "length", "logprobs": None} for i in range(n_choices)]
+        req_id, obj = f"cmpl-{uuid.uuid4().hex}", "text_completion"
+    return {
+        "id": req_id,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": _usage(prompt_tokens, n_out * n_choices),
+    }
+
+
+def build_app(
+    name: str,
+    models: dict[str, int] | None = None,
+    token_delay_s: float = 0.0,
+    default_max_tokens: int = 16,
+) -> web.Application:
+    """Build the fake server.
+
+    `models` maps served model name -> max_model_len. When it is None or empty any
+    model name is accepted (with max_model_len 8192), because the gateway rewrites
+    model names and tests should not have to mirror its routing table.
+    """
+    fake = _FakeVllm(name, models, token_delay_s, default_max_tokens)
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE)
+    app.on_response_prepare.append(fake.on_prepare)
+    routes: Sequence[tuple[str, str, Any]] = (
+        ("GET", "/health", fake.health),
+        ("GET", "/v1/models", fake.list_models),
+        ("GET", "/metrics", fake.metrics),
+        ("POST", "/v1/chat/completions", fake.chat_completions),
+        ("POST", "/v1/completions", fake.completions),
+        ("POST", "/v1/embeddings", fake.embeddings),
+        ("GET", "/debug/requests", fake.debug_requests),
+        ("DELETE", "/debug/requests", fake.debug_clear),
+    )
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    # Without these, a wrong method on a known path would fall through to the
+    # catch-all below and be reported as 404 instead of 405.
+    for path in dict.fromkeys(path for _, path, _ in routes):
+        app.router.add_route("*", path, fake.method_not_allowed)
+    # A route rather than a middleware keeps the hot path free of an extra wrapper.
+    app.router.add_route("*", "/{tail:.*}", fake.not_found)
+    return app
+
+
+async def serve(
+    host: str,
+    port: int,
+    name: str,
+    models: dict[str, int] | None = None,
+    token_delay_s: float = 0.0,
+) -> None:
+    """Serve until cancelled."""
+    app = build_app(name, models, token_delay_s)
+    # A short shutdown timeout: a stopping fake should not hold tests hostage to
+    # in-flight streams.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        # Logged (not printed) so embedding callers stay quiet; the address shows the
+        # real port when 0 was asked for.
+        for addr in runner.addresses:
+            log.info("fake-vllm %s listening on http://%s:%s", name, addr[0], addr[1])
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def _model_arg(value: str) -> tuple[str, int]:
+    model, sep, max_len = value.rpartition("=")
+    if not sep or not model:
+        raise argparse.ArgumentTypeError(f"expected NAME=MAXLEN, got {value!r}")
+    try:
+        n = int(max_len)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"MAXLEN must be an integer, got {max_len!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"MAXLEN must be positive, got {n}")
+    return model, n
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fake-vllm", description="Fake vLLM OpenAI-compatible server.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--name", required=True, help="value of the x-served-by response header")
+    p.add_argument(
+        "--model",
+        type=_model_arg,
+        action="append",
+        default=[],
+        metavar="NAME=MAXLEN",
+        help="served model and its max_model_len (repeatable); omit to accept any model",
+    )
+    p.add_argument("--token-delay-ms", type=float, default=0.0, help="delay per generated token")
+    return p
+
+
+async def _run_until_signal(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Not available off the main thread or on Windows; the caller then stops us
+        # by other means.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    server = asyncio.create_task(
+        serve(args.host, args.port, args.name, dict(args.model) or None, args.token_delay_ms / 1000.0)
+    )
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            # Re-raises startup failures such as "address already in use".
+            await server
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loop_factory = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_run_until_signal(args))
+    except KeyboardInterrupt:
+        # A second Ctrl-C before our handler is installed; still a requested stop.
+        return 0
+    except OSError as exc:
+        print(f"fake-vllm: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""`extproc serve` as operators run it: health, workers, graceful shutdown; and `policy check`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.server import HEALTH_SERVICE_NAME
+from extproc.stack import LocalStack, free_port, running
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _health(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=HEALTH_SERVICE_NAME), timeout=2).status)
+
+
+def _wait_serving(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        try:
+            if _health(port) == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            time.sleep(0.1)
+    raise AssertionError("server never became healthy")
+
+
+def test_workers_share_the_port_report_health_and_stop_on_sigterm(gateway_policy_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--policy",
+            str(gateway_policy_path),
+            "--workers",
+            "2",
+            "--grace-seconds",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_serving(port, process)
+        assert len(_children(process.pid)) == 2
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_sigterm_lets_an_in_flight_stream_finish(gateway_policy_path: Path) -> None:
+    with running(LocalStack(gateway_policy_path, listen_port=free_port(), token_delay_ms=20)) as stack:
+        client = openai.OpenAI(base_url=stack.base_url, api_key="x", max_retries=0)
+        started = threading.Event()
+        chunks: list[str] = []
+
+        def consume() -> None:
+            stream = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=40, stream=True
+            )
+            for chunk in stream:
+                started.set()
+                chunks.append(chunk.choices[0].delta.content or "")
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert started.wait(10)
+        extproc = stack.process("extproc")
+        assert extproc.process is not None
+        extproc.process.send_signal(signal.SIGTERM)
+        reader.join(15)
+        assert not reader.is_alive()
+        assert len("".join(chunks).split()) == 40
+        assert extproc.process.wait(10) == 0
+
+
+def test_policy_check_names_the_offending_key(tmp_path: Path, gateway_policy_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "extproc", "policy", "check", str(gateway_policy_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0 and "ok (3 models" in ok.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "backends: {small: {}}\n"
+        "models:\n"
+        "  - {name: a, backend: small, max_model_len: -5}\n"
+        "  - {name: b, backend: nowhere, max_model_len: 10, max_tokns: 3}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "policy", "check", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "models[a].max_model_len" in result.stderr
+    assert "models[b].max_tokns: Extra inputs are not permitted" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (
+            "backends: {small: {}}\nmodels: [{name: a, backend: nowhere, max_model_len: 10}]",
+            "models[a].backend: 'nowhere' is not a key of `backends`",
+        ),
+        (
+            "backends: {s: {}}\nmodels:\n- {name: a, backend: s, max_model_len: 9}\n"
+            "- {name: a, backend: s, max_model_len: 9}",
+            "name 'a' is already used",
+        ),
+        (
+            "gateway: {backend_header: X-Bad}\nbackends: {s: {}}\nmodels: [{name: a, backend: s, max_model_len: 9}]",
+            "gateway: backend_header must be a lower-case header name",
+        ),
+        ("- just a list", "the document must be a mapping"),
+    ],
+)
+def test_policy_errors(tmp_path: Path, document: str, message: str) -> None:
+    from extproc.policy import PolicyError, load_policy
+
+    path = tmp_path / "p.yaml"
+    path.write_text(document)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert message in str(caught.value)
