@@ -25,7 +25,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
-    return serve(ServeOptions(args.listen, policy, args.workers, args.grace_seconds))
+    options = ServeOptions(
+        args.listen, policy, args.workers, args.grace_seconds, args.redis_url or None, args.metrics_port or None
+    )
+    return serve(options)
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
@@ -51,7 +54,11 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
     try:
         stack = LocalStack(
-            Path(args.policy), listen_port=args.port, workers=args.workers, token_delay_ms=args.token_delay_ms
+            Path(args.policy),
+            listen_port=args.port,
+            workers=args.workers,
+            token_delay_ms=args.token_delay_ms,
+            redis_url=args.redis_url or None,
         )
     except PolicyError as exc:
         print(exc, file=sys.stderr)
@@ -71,6 +78,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         print(f"extproc dev: failed to start: {exc}", file=sys.stderr)
         return 1
     model = stack.policy.models[0].name
+    auth = " -H 'authorization: Bearer sk-demo'" if stack.policy.tenants else ""
     print(
         f"""
 extproc dev is running.
@@ -78,9 +86,10 @@ extproc dev is running.
   policy   : {args.policy}
   backends : {", ".join(f"{u.name}=127.0.0.1:{u.port}" for u in stack.upstreams)}
   logs     : {stack.work_dir}
+  quotas   : {stack.redis_url or "in-memory (pass --redis-url to share them)"}
 
 Try it:
-  curl -s {stack.base_url}/chat/completions -H 'content-type: application/json' \\
+  curl -s {stack.base_url}/chat/completions -H 'content-type: application/json'{auth} \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}' -i
 
 Or with the openai SDK: OpenAI(base_url="{stack.base_url}", api_key="sk-demo")
@@ -131,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long in-flight streams may finish after SIGTERM",
     )
     serve.add_argument("--log-level", default=_env("EXTPROC_LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--redis-url",
+        default=_env("EXTPROC_REDIS_URL", ""),
+        help="shared quota store, e.g. redis://redis:6379/0 ($EXTPROC_REDIS_URL); memory if unset",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("EXTPROC_METRICS_PORT", "0")),
+        help="Prometheus /metrics port; worker i uses port+i (0: off) ($EXTPROC_METRICS_PORT)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     policy = sub.add_parser("policy", help="policy tools")
@@ -143,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--policy", default=str(example_policy_path()))
     dev.add_argument("--port", type=int, default=10000, help="Envoy listener port")
     dev.add_argument("--workers", type=int, default=1)
+    dev.add_argument("--redis-url", default="", help="use Redis for quotas (default: in-memory)")
     dev.add_argument("--token-delay-ms", type=float, default=2.0, help="fake vLLM delay per generated token")
     dev.set_defaults(func=_cmd_dev)
 

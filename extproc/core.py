@@ -22,6 +22,7 @@ import orjson
 from extproc import errors, names
 from extproc.endpoints import TRANSLATORS, ChatFraming, Translator
 from extproc.errors import GatewayError
+from extproc.identity import Authenticator, Identity
 from extproc.policy import CapAction, Policy
 from extproc.sse import SseUsageReader, Usage, usage_from_json_body
 from extproc.tokenizer import TokenCounter, counter_for
@@ -59,6 +60,7 @@ class Passthrough:
 @dataclass(frozen=True, slots=True)
 class NeedBody:
     translator: Translator
+    identity: Identity | None  # None when the policy has no tenants
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +70,12 @@ class Reply:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    code: str | None = None  # the error code, for metrics
 
     @classmethod
     def from_error(cls, error: GatewayError) -> Reply:
         headers = (("content-type", names.JSON_CONTENT_TYPE), *error.headers.items())
-        return cls(error.status, error.body(), headers)
+        return cls(error.status, error.body(), headers, error.code)
 
 
 @dataclass(slots=True)
@@ -81,7 +84,9 @@ class Admission:
 
     model: CompiledModel
     endpoint: str
+    identity: Identity | None
     set_headers: list[tuple[str, str]]
+    remove_headers: list[str]
     body: bytes | None  # the rewritten body, None when the original goes upstream as is
     prompt_tokens: int
     completion_tokens: int  # the most the backend may generate: cap x sequences
@@ -91,15 +96,16 @@ class Admission:
 
 
 class Gateway:
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, auth: Authenticator | None = None) -> None:
         self.policy = policy
+        self.auth = auth or Authenticator(policy)
         gw = policy.gateway
         self.backend_header = gw.backend_header
         self.max_body_bytes = gw.max_body_bytes
         self.max_stop_sequences = gw.max_stop_sequences
         self.framing = ChatFraming(gw.tokens_per_message, gw.tokens_per_reply, gw.tokens_per_image)
         self.models: dict[str, CompiledModel] = {}
-        listing = []
+        listing: list[dict[str, Any]] = []
         created = int(time.time())
         for spec in policy.models:
             completion_cap = min(spec.max_completion_tokens or gw.max_completion_tokens, gw.max_completion_tokens)
@@ -129,12 +135,21 @@ class Gateway:
                         "max_model_len": spec.max_model_len,
                     }
                 )
-        self._models_reply = Reply(
-            200,
-            orjson.dumps({"object": "list", "data": listing}),
-            (("content-type", names.JSON_CONTENT_TYPE),),
-        )
+        self._models_reply = _json_reply(listing)
         self._strip_on_passthrough = (self.backend_header,)
+        # Tenants' allowed models by canonical name, so an alias of an allowed model is allowed too.
+        self._allowed: dict[str, frozenset[str] | None] = {}
+        self._models_reply_for: dict[str, Reply] = {}
+        for name, tenant in self.auth.tenants.items():
+            allowed = tenant.allowed_models
+            self._allowed[name] = None if allowed is None else frozenset(self.models[m].name for m in allowed)
+            if allowed is None:
+                self._models_reply_for[name] = self._models_reply
+            else:
+                visible = [entry for entry in listing if self.models[entry["id"]].name in (self._allowed[name] or ())]
+                self._models_reply_for[name] = _json_reply(visible)
+        # Identity headers only we may set; with no tenants they are removed, not passed on.
+        self._identity_headers = (names.TENANT, names.TIER, names.TRAFFIC_CLASS)
 
     # --- request headers -----------------------------------------------------------------
 
@@ -142,19 +157,20 @@ class Gateway:
         self, headers: dict[str, str], end_of_stream: bool = False
     ) -> Passthrough | NeedBody | Reply:
         path = headers.get(names.PATH, "/").split("?", 1)[0]
-        method = headers.get(names.METHOD, "GET")
-        if path == names.MODELS:
-            if method in ("GET", "HEAD"):
-                return self._models_reply
-            return Reply.from_error(errors.method_not_allowed(method, path))
         translator = TRANSLATORS.get(path)
-        if translator is None:
+        if translator is None and path != names.MODELS:
             return Passthrough(self._strip_on_passthrough if self.backend_header in headers else ())
+        method = headers.get(names.METHOD, "GET")
         try:
+            identity = self.auth.identify(headers) if self.auth.enabled else None
+            if translator is None:
+                if method not in ("GET", "HEAD"):
+                    raise errors.method_not_allowed(method, path)
+                return self._models_reply_for[identity.tenant.name] if identity else self._models_reply
             self._check_head(headers, method, path, end_of_stream)
         except GatewayError as exc:
             return Reply.from_error(exc)
-        return NeedBody(translator)
+        return NeedBody(translator, identity)
 
     def _check_head(self, headers: dict[str, str], method: str, path: str, end_of_stream: bool) -> None:
         if method != "POST":
@@ -172,7 +188,7 @@ class Gateway:
 
     # --- request body --------------------------------------------------------------------
 
-    def on_request_body(self, translator: Translator, raw: bytes) -> Admission:
+    def on_request_body(self, translator: Translator, raw: bytes, identity: Identity | None = None) -> Admission:
         if len(raw) > self.max_body_bytes:
             raise errors.body_too_large(self.max_body_bytes)
         try:
@@ -189,6 +205,15 @@ class Gateway:
         model = self.models.get(requested_model)
         if model is None:
             raise errors.model_not_found(requested_model)
+        if identity is not None:
+            allowed = self._allowed[identity.tenant.name]
+            if allowed is not None and model.name not in allowed:
+                raise GatewayError(
+                    403,
+                    f"Your organization does not have access to model `{requested_model}`.",
+                    param="model",
+                    code="model_not_allowed",
+                )
         if translator.endpoint not in model.endpoints:
             raise errors.invalid_request(
                 f"Model `{requested_model}` does not serve the {translator.endpoint} endpoint "
@@ -227,12 +252,25 @@ class Gateway:
                 changed = True
         new_body = orjson.dumps(body) if changed else None
         set_headers = [(self.backend_header, model.subset)]
+        remove_headers: list[str] = []
+        if identity is not None:
+            tenant = identity.tenant
+            set_headers += [
+                (names.TENANT, tenant.name),
+                (names.TIER, tenant.tier),
+                (names.TRAFFIC_CLASS, tenant.traffic_class),
+            ]
+            remove_headers += self.auth.strip
+        else:
+            remove_headers += self._identity_headers
         if new_body is not None:
             set_headers.append((names.CONTENT_LENGTH, str(len(new_body))))
         return Admission(
             model=model,
             endpoint=translator.endpoint,
+            identity=identity,
             set_headers=set_headers,
+            remove_headers=remove_headers,
             body=new_body,
             prompt_tokens=cost.total,
             completion_tokens=completion * translator.sequences(body),
@@ -302,6 +340,10 @@ class Gateway:
         return changed
 
 
+def _json_reply(payload: list[dict[str, Any]]) -> Reply:
+    return Reply(200, orjson.dumps({"object": "list", "data": payload}), (("content-type", names.JSON_CONTENT_TYPE),))
+
+
 def _normalize_stop(value: Any, limit: int) -> list[str]:
     if value is None:
         return []
@@ -341,6 +383,10 @@ class ResponseWatcher:
         self.status = 0
         self.usage: Usage | None = None
         self._sse: SseUsageReader | None = None
+
+    @property
+    def events_seen(self) -> int:
+        return self._sse.events if self._sse is not None else 0
 
     def on_headers(self, status: int, content_type: str) -> BodyMode:
         self.status = status

@@ -27,6 +27,8 @@ class EnvoySetup:
     admin_port: int
     upstreams: list[Upstream]
     extproc_port: int | None = None  # None: no ext_proc filter at all (the physical floor)
+    # More ext_proc replicas behind the same cluster (round robin), as in a multi-replica deployment.
+    extra_extproc_ports: tuple[int, ...] = ()
     backend_header: str = "x-llm-backend"
     max_body_bytes: int = 1 << 20
     message_timeout_ms: int = 2000
@@ -36,15 +38,21 @@ class EnvoySetup:
     extra_routes: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _cluster(name: str, host: str, port: int, http2: bool = False) -> dict[str, Any]:
+def _cluster(name: str, host: str, ports: list[int], http2: bool = False) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                        for port in ports
+                    ]
+                }
             ],
         },
     }
@@ -164,9 +172,10 @@ def render(setup: EnvoySetup) -> str:
         "http_filters": http_filters,
         "local_reply_config": _local_reply_config(setup),
     }
-    clusters = [_cluster(f"backend_{u.name}", u.host, u.port) for u in setup.upstreams]
+    clusters = [_cluster(f"backend_{u.name}", u.host, [u.port]) for u in setup.upstreams]
     if setup.extproc_port is not None:
-        clusters.append(_cluster("extproc", "127.0.0.1", setup.extproc_port, http2=True))
+        ports = [setup.extproc_port, *setup.extra_extproc_ports]
+        clusters.append(_cluster("extproc", "127.0.0.1", ports, http2=True))
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": setup.admin_port}}},
         "static_resources": {

@@ -23,3 +23,24 @@ CHAT_COMPLETIONS: Final = "/v1/chat/completions"
 COMPLETIONS: Final = "/v1/completions"
 EMBEDDINGS: Final = "/v1/embeddings"
 MODELS: Final = "/v1/models"
+
+# Credentials and identity.
+AUTHORIZATION: Final = "authorization"
+API_KEY: Final = "x-api-key"
+XFCC: Final = "x-forwarded-client-cert"
+
+# Set by the gateway for the backend and the mesh; a client-sent value is never passed on.
+TENANT: Final = "x-llm-tenant"
+TIER: Final = "x-llm-tier"
+TRAFFIC_CLASS: Final = "x-llm-class"
+
+# Rate-limit headers as OpenAI clients read them.
+RATELIMIT_LIMIT_REQUESTS: Final = "x-ratelimit-limit-requests"
+RATELIMIT_LIMIT_TOKENS: Final = "x-ratelimit-limit-tokens"
+RATELIMIT_REMAINING_REQUESTS: Final = "x-ratelimit-remaining-requests"
+RATELIMIT_REMAINING_TOKENS: Final = "x-ratelimit-remaining-tokens"
+RATELIMIT_RESET_REQUESTS: Final = "x-ratelimit-reset-requests"
+RATELIMIT_RESET_TOKENS: Final = "x-ratelimit-reset-tokens"
+RETRY_AFTER: Final = "retry-after"
+RETRY_AFTER_MS: Final = "retry-after-ms"
+SHOULD_RETRY: Final = "x-should-retry"

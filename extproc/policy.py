@@ -95,11 +95,80 @@ class GatewayPolicy(_Strict):
         return self
 
 
+TokenCounts = Literal["input", "output", "total"]
+TrafficClass = Literal["interactive", "batch", "experimental"]
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class LimitSpec(_Strict):
+    """Limits for one scope (a tenant, each of its keys, or one model). Absent means unlimited."""
+
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    # Which tokens a per-minute limit counts; budgets always count the total.
+    tokens_per_minute_counts: TokenCounts = "total"
+    tokens_per_day: PositiveInt | None = None
+    tokens_per_month: PositiveInt | None = None
+    max_concurrent_requests: PositiveInt | None = None
+
+
+class KeySpec(_Strict):
+    """An API key, stored only as the SHA-256 hex digest of the key text."""
+
+    sha256: str
+    name: str = Field(default="key", description="label for logs and per-key limits; never the key")
+
+    @model_validator(mode="after")
+    def _check(self) -> KeySpec:
+        if not _SHA256_HEX.match(self.sha256):
+            raise ValueError("sha256 must be 64 lower-case hex characters (sha256 of the key)")
+        if not _NAME.match(self.name):
+            raise ValueError("name must be 1-63 characters of letters, digits, '_', '.', '-'")
+        return self
+
+
+class TenantPolicy(_Strict):
+    tier: str = "standard"
+    traffic_class: TrafficClass = "interactive"
+    allowed_models: list[str] = Field(default_factory=lambda: ["*"], description="public names, or '*'")
+    keys: list[KeySpec] = Field(default_factory=list)
+    # Mesh identities (SPIFFE IDs from x-forwarded-client-cert) that act as this tenant.
+    spiffe_ids: list[str] = Field(default_factory=list)
+    limits: LimitSpec = Field(default_factory=LimitSpec)
+    per_key_limits: LimitSpec | None = None
+    model_limits: dict[str, LimitSpec] = Field(default_factory=dict)
+
+
+class AuthPolicy(_Strict):
+    # Mounted Secret files, each a YAML list of {sha256, tenant, name}: keys kept out of the ConfigMap.
+    key_files: list[str] = Field(default_factory=list)
+    strip_credentials: bool = True
+    # A header Istio's RequestAuthentication fills from a verified JWT claim (outputClaimToHeaders).
+    jwt_tenant_header: str | None = None
+    # Take the tenant from the SPIFFE principal in x-forwarded-client-cert (set by the sidecar).
+    trust_spiffe: bool = False
+    # Accept a client-sent tenant header. Only for callers already authenticated upstream of us.
+    trust_tenant_header: bool = False
+
+
+class QuotaPolicy(_Strict):
+    # What admission does when Redis cannot be reached.
+    on_store_failure: Literal["open", "closed"] = "open"
+    # A reservation whose gateway died is released after this long.
+    reservation_ttl_seconds: PositiveInt = 600
+    key_prefix: str = "xp"
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     gateway: GatewayPolicy = Field(default_factory=GatewayPolicy)
     backends: dict[str, BackendPolicy]
     models: list[ModelPolicy] = Field(min_length=1)
+    auth: AuthPolicy = Field(default_factory=AuthPolicy)
+    quotas: QuotaPolicy = Field(default_factory=QuotaPolicy)
+    # No tenants: no authentication and no quotas (a trusted, single-team setup).
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_references(self) -> Policy:
@@ -120,6 +189,18 @@ class Policy(_Strict):
                 and (model.default_max_tokens > model.max_completion_tokens)
             ):
                 raise ValueError(f"models[{model.name}].default_max_tokens exceeds max_completion_tokens")
+        for tenant_name, tenant in self.tenants.items():
+            if not _NAME.match(tenant_name):
+                raise ValueError(f"tenants[{tenant_name}]: a tenant name is 1-63 letters, digits, '_', '.', '-'")
+            for allowed in tenant.allowed_models:
+                if allowed != "*" and allowed not in seen:
+                    raise ValueError(f"tenants[{tenant_name}].allowed_models: {allowed!r} is not a model name")
+            for limited in tenant.model_limits:
+                if limited not in seen:
+                    raise ValueError(f"tenants[{tenant_name}].model_limits: {limited!r} is not a model name")
+            names = [key.name for key in tenant.keys]
+            if len(set(names)) != len(names):
+                raise ValueError(f"tenants[{tenant_name}].keys: key names must be unique within a tenant")
         return self
 
     def subset(self, backend: str) -> str:

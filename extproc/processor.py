@@ -18,9 +18,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
-from extproc import names
+from extproc import metrics, names
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.errors import GatewayError
+from extproc.quota.service import QuotaService, Reservation
 
 log = logging.getLogger("extproc.request")
 
@@ -46,6 +47,10 @@ _RESPONSE_MODES = {
     BodyMode.STREAMED: _Mode(response_body_mode=_Mode.STREAMED, response_trailer_mode=_Mode.SKIP),
     # BUFFERED_PARTIAL: a JSON body over Envoy's buffer limit is passed on rather than failed with 500.
     BodyMode.BUFFERED: _Mode(response_body_mode=_Mode.BUFFERED_PARTIAL, response_trailer_mode=_Mode.SKIP),
+}
+_RESPONSE_HEADERS_WITH_MODE = {
+    mode: pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=override)
+    for mode, override in _RESPONSE_MODES.items()
 }
 _CONTINUE_PASSTHROUGH = pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=_PASSTHROUGH_MODE)
 
@@ -87,21 +92,23 @@ class Phase(Enum):
 class RequestStream:
     """Per-request state: what has been seen, what was decided, what the response showed."""
 
-    __slots__ = ("admission", "gateway", "need", "phase", "watcher")
+    __slots__ = ("admission", "gateway", "need", "phase", "quotas", "reservation", "watcher")
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, quotas: QuotaService | None = None) -> None:
         self.gateway = gateway
+        self.quotas = quotas
         self.phase = Phase.REQUEST_HEADERS
         self.need: NeedBody | None = None
         self.admission: Admission | None = None
+        self.reservation: Reservation | None = None
         self.watcher: ResponseWatcher | None = None
 
-    def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    async def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         kind = request.WhichOneof("request")
         if kind == "request_headers":
             return self._on_request_headers(request.request_headers)
         if kind == "request_body":
-            return self._on_request_body(request.request_body)
+            return await self._on_request_body(request.request_body)
         if kind == "response_headers":
             return self._on_response_headers(request.response_headers)
         if kind == "response_body":
@@ -118,6 +125,8 @@ class RequestStream:
             return _CONTINUE_REQUEST_HEADERS
         self.phase = Phase.DONE
         if isinstance(verdict, Reply):
+            if verdict.status >= 400:
+                metrics.REQUESTS.labels("-", "-", metrics.outcome_label(verdict.code)).inc()
             return immediate(verdict)
         if not verdict.strip_headers:
             return _CONTINUE_PASSTHROUGH
@@ -130,16 +139,25 @@ class RequestStream:
             mode_override=_PASSTHROUGH_MODE,
         )
 
-    def _on_request_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
+    async def _on_request_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
         if self.need is None:  # body without headers we asked for: nothing to decide
             return _CONTINUE_REQUEST_BODY
+        endpoint = self.need.translator.endpoint
+        admission: Admission | None = None
         try:
-            admission = self.gateway.on_request_body(self.need.translator, message.body)
+            admission = self.gateway.on_request_body(self.need.translator, message.body, self.need.identity)
+            if self.quotas is not None and admission.identity is not None:
+                self.reservation = await self.quotas.admit(
+                    admission.identity, admission.model.name, admission.prompt_tokens, admission.completion_tokens
+                )
         except GatewayError as exc:
             self.phase = Phase.DONE
+            model = admission.model.name if admission is not None else "-"
+            metrics.REQUESTS.labels(model, endpoint, metrics.outcome_label(exc.code)).inc()
             return immediate(Reply.from_error(exc))
         self.admission = admission
         self.phase = Phase.UPSTREAM
+        metrics.REQUESTS.labels(admission.model.name, endpoint, "ok").inc()
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "admitted model=%s backend=%s endpoint=%s prompt_tokens=%d max_completion_tokens=%d stream=%s%s",
@@ -151,7 +169,9 @@ class RequestStream:
                 admission.stream,
                 "".join(f" [{note}]" for note in admission.notes),
             )
-        common = pb.CommonResponse(header_mutation=header_mutation(admission.set_headers), clear_route_cache=True)
+        common = pb.CommonResponse(
+            header_mutation=header_mutation(admission.set_headers, admission.remove_headers), clear_route_cache=True
+        )
         if admission.body is not None:
             common.body_mutation.body = admission.body
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
@@ -163,11 +183,19 @@ class RequestStream:
         self.watcher = ResponseWatcher(self.admission)
         status = int(headers.get(names.STATUS, "0") or 0)
         mode = self.watcher.on_headers(status, headers.get(names.CONTENT_TYPE, ""))
-        if mode is BodyMode.NONE or message.end_of_stream:
-            self.phase = Phase.DONE
-            return _CONTINUE_RESPONSE_HEADERS
-        self.phase = Phase.RESPONSE_BODY
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=_RESPONSE_MODES[mode])
+        done = mode is BodyMode.NONE or message.end_of_stream
+        self.phase = Phase.DONE if done else Phase.RESPONSE_BODY
+        rate_headers = self.reservation.headers if self.reservation is not None else None
+        if not rate_headers:
+            return _CONTINUE_RESPONSE_HEADERS if done else _RESPONSE_HEADERS_WITH_MODE[mode]
+        reply = pb.ProcessingResponse(
+            response_headers=pb.HeadersResponse(
+                response=pb.CommonResponse(header_mutation=header_mutation(rate_headers))
+            )
+        )
+        if not done:
+            reply.mode_override.CopyFrom(_RESPONSE_MODES[mode])
+        return reply
 
     def _on_response_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
         if self.watcher is None:
@@ -180,11 +208,51 @@ class RequestStream:
         mutation = pb.BodyMutation(body=replacement) if replacement else pb.BodyMutation(clear_body=True)
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
 
-    def close(self) -> None:
-        """The stream is over, finished or cut short: log what the request cost."""
-        if self.admission is None or not log.isEnabledFor(logging.INFO):
-            return
+    def failed(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """Our own bug must not become a hung or reset stream: answer what the phase allows."""
+        kind = request.WhichOneof("request")
+        if kind in ("request_headers", "request_body"):
+            self.phase = Phase.DONE
+            error = GatewayError(
+                500, "The gateway failed to process the request.", type="server_error", code="internal_error"
+            )
+            return immediate(Reply.from_error(error))
+        return {
+            "response_headers": _CONTINUE_RESPONSE_HEADERS,
+            "response_body": _CONTINUE_RESPONSE_BODY,
+            "request_trailers": _CONTINUE_REQUEST_TRAILERS,
+        }.get(kind or "", _CONTINUE_RESPONSE_TRAILERS)
+
+    def final_usage(self) -> tuple[int, int]:
+        """What the request really cost; an estimate from what was seen when usage never came."""
+        assert self.admission is not None
         watcher = self.watcher
+        if watcher is None or watcher.status == 0:
+            return 0, 0  # no response: the upstream failed or the client left before it answered
+        if watcher.usage is not None:
+            return watcher.usage.prompt_tokens, watcher.usage.completion_tokens
+        if watcher.status != 200:
+            return 0, 0  # an upstream error generated nothing
+        # Cut short mid-stream: one SSE event per generated token is vLLM's pacing.
+        return self.admission.prompt_tokens, min(watcher.events_seen, self.admission.completion_tokens)
+
+    def close(self) -> None:
+        """The stream is over, finished or cut short: settle the reservation and log the cost."""
+        if self.admission is None:
+            return
+        prompt, completion = self.final_usage()
+        if self.reservation is not None and self.quotas is not None:
+            self.quotas.settle(self.reservation, prompt, completion)
+        model = self.admission.model.name
+        identity = self.admission.identity
+        tenant = identity.tenant.name if identity is not None else "-"
+        metrics.TOKENS.labels(model, tenant, "prompt").inc(prompt)
+        metrics.TOKENS.labels(model, tenant, "completion").inc(completion)
+        watcher = self.watcher
+        if watcher is not None and watcher.status:
+            metrics.RESPONSES.labels(model, f"{watcher.status // 100}xx").inc()
+        if not log.isEnabledFor(logging.INFO):
+            return
         usage = watcher.usage if watcher is not None else None
         if usage is not None:
             log.info(
@@ -204,16 +272,22 @@ class RequestStream:
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, quotas: QuotaService | None = None) -> None:
         self.gateway = gateway
+        self.quotas = quotas
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = RequestStream(self.gateway)
+        stream = RequestStream(self.gateway, self.quotas)
         try:
             async for request in request_iterator:
-                yield stream.handle(request)
+                try:
+                    response = await stream.handle(request)
+                except Exception:
+                    log.exception("internal error in phase %s", stream.phase.value)
+                    response = stream.failed(request)
+                yield response
         except asyncio.CancelledError:
             # Envoy closes streams it no longer needs, clients go away: both are normal.
             pass

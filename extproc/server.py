@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from extproc.policy import Policy
+from extproc.quota.service import QuotaService
 
 log = logging.getLogger("extproc.server")
 
@@ -24,6 +25,23 @@ class ServeOptions:
     policy: Policy
     workers: int = 1
     grace_seconds: float = 30.0
+    redis_url: str | None = None
+    metrics_port: int | None = None  # worker i serves on metrics_port + i
+
+
+def build_quota_service(policy: Policy, redis_url: str | None) -> QuotaService | None:
+    """Quotas exist only with tenants; Redis when a URL is given, else this process's memory."""
+    if not policy.tenants:
+        return None
+    from extproc.quota.memory import MemoryStore
+
+    if redis_url is None:
+        return QuotaService(policy, MemoryStore())
+    from extproc.quota.redis_store import RedisStore
+    from extproc.quota.resilient import ResilientStore
+
+    store = ResilientStore(RedisStore(redis_url), on_failure=policy.quotas.on_store_failure)
+    return QuotaService(policy, store)
 
 
 def grpc_options(policy: Policy) -> list[tuple[str, int]]:
@@ -36,7 +54,7 @@ def grpc_options(policy: Policy) -> list[tuple[str, int]]:
     ]
 
 
-async def run_server(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
+async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight streams within the grace period."""
     # Imported here so a parent that forks workers has created no gRPC object.
     import grpc
@@ -47,9 +65,14 @@ async def run_server(options: ServeOptions, ready: asyncio.Event | None = None) 
     from extproc.core import Gateway
     from extproc.processor import ExternalProcessor
 
+    if options.metrics_port:
+        from extproc.metrics import serve_metrics
+
+        serve_metrics(options.metrics_port + worker_index)
     gateway = Gateway(options.policy)
+    quotas = build_quota_service(options.policy, options.redis_url)
     server = grpc.aio.server(options=grpc_options(options.policy))
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, quotas), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(options.listen)
@@ -64,12 +87,12 @@ async def run_server(options: ServeOptions, ready: asyncio.Event | None = None) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
     await stop.wait()
     log.info("shutting down: draining streams for up to %.0fs", options.grace_seconds)
     await health.enter_graceful_shutdown()
     await server.stop(options.grace_seconds)
+    if quotas is not None:
+        await quotas.close()  # settlements in flight are written (or kept queued) before exit
     log.info("stopped")
 
 
@@ -82,9 +105,9 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-def run_worker(options: ServeOptions) -> None:
+def run_worker(options: ServeOptions, worker_index: int = 0) -> None:
     with asyncio.Runner(loop_factory=_new_event_loop) as runner:
-        runner.run(run_server(options))
+        runner.run(run_server(options, worker_index))
 
 
 def serve(options: ServeOptions) -> int:
@@ -106,7 +129,7 @@ def _supervise(options: ServeOptions) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                run_worker(options)
+                run_worker(options, index)
             except BaseException:
                 log.exception("worker %d failed", index)
                 code = 1

@@ -109,6 +109,8 @@ class LocalStack:
     envoy_concurrency: int = 1
     token_delay_ms: float = 0.0
     log_level: str = "info"
+    redis_url: str | None = None
+    replicas: int = 1  # separate `extproc serve` processes, each its own port, like pods
     work_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -159,9 +161,10 @@ class LocalStack:
                 argv += ["--token-delay-ms", str(self.token_delay_ms)]
             waits.append((self._add(f"vllm-{subset}", argv), f"http://127.0.0.1:{port}/health"))
         extproc_port: int | None = None
-        if self.extproc != "none":
-            extproc_port = self.extproc_port
-            listen = f"127.0.0.1:{extproc_port}"
+        replica_ports = [self.extproc_port, *(free_port() for _ in range(self.replicas - 1))]
+        for replica, port in enumerate(replica_ports if self.extproc != "none" else []):
+            extproc_port = replica_ports[0]
+            listen = f"127.0.0.1:{port}"
             if self.extproc == "null":
                 argv = self._python("null-extproc", "--listen", listen)
             else:
@@ -176,7 +179,10 @@ class LocalStack:
                     "--log-level",
                     self.log_level,
                 )
-            waits.append((self._add("extproc", argv), extproc_port))
+                if self.redis_url:
+                    argv += ["--redis-url", self.redis_url]
+            name = "extproc" if replica == 0 else f"extproc-{replica + 1}"
+            waits.append((self._add(name, argv), port))
         config = self.work_dir / "envoy.yaml"
         config.write_text(
             render(
@@ -185,6 +191,7 @@ class LocalStack:
                     admin_port=self.admin_port,
                     upstreams=self.upstreams,
                     extproc_port=extproc_port,
+                    extra_extproc_ports=tuple(replica_ports[1:]) if extproc_port else (),
                     backend_header=self.policy.gateway.backend_header,
                     max_body_bytes=self.policy.gateway.max_body_bytes,
                 )

@@ -23,7 +23,7 @@ def admit(gateway: Gateway, body: dict[str, Any] | bytes, path: str = "/v1/chat/
     verdict = gateway.on_request_headers(head(path))
     assert isinstance(verdict, NeedBody)
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return gateway.on_request_body(verdict.translator, raw)
+    return gateway.on_request_body(verdict.translator, raw, verdict.identity)
 
 
 def refuse(gateway: Gateway, body: dict[str, Any] | bytes, path: str = "/v1/chat/completions") -> GatewayError:

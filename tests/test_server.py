@@ -156,3 +156,51 @@ def test_policy_errors(tmp_path: Path, document: str, message: str) -> None:
     with pytest.raises(PolicyError) as caught:
         load_policy(path)
     assert message in str(caught.value)
+
+
+def test_metrics_endpoint_counts_decisions(gateway_policy_path: Path) -> None:
+    import urllib.request
+
+    import orjson
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    from extproc.processor import header_mutation
+
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--policy",
+            str(gateway_policy_path),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_serving(port, process)
+        headers = header_mutation([(":path", "/v1/chat/completions"), (":method", "POST")]).set_headers
+        body = orjson.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+        messages = [
+            pb.ProcessingRequest(
+                request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[h.header for h in headers]))
+            ),
+            pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+        ]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            replies = list(pb_grpc.ExternalProcessorStub(channel).Process(iter(messages), timeout=5))
+        assert replies[-1].immediate_response.status.code == 404
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            text = response.read().decode()
+        assert 'extproc_requests_total{endpoint="chat",model="-",outcome="model_not_found"} 1.0' in text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)

@@ -1,0 +1,1 @@
+"""Shared quota state: reserve at admission, settle on real usage."""
