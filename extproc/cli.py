@@ -59,6 +59,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             workers=args.workers,
             token_delay_ms=args.token_delay_ms,
             redis_url=args.redis_url or None,
+            keep_logs=True,
         )
     except PolicyError as exc:
         print(exc, file=sys.stderr)

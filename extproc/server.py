@@ -41,6 +41,9 @@ def build_quota_service(policy: Policy, redis_url: str | None) -> QuotaService |
     from extproc.quota.resilient import ResilientStore
 
     store = ResilientStore(RedisStore(redis_url), on_failure=policy.quotas.on_store_failure)
+    from extproc import metrics
+
+    metrics.QUOTA_PENDING.set_function(lambda: store.pending)
     return QuotaService(policy, store)
 
 

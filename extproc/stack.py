@@ -112,12 +112,14 @@ class LocalStack:
     redis_url: str | None = None
     replicas: int = 1  # separate `extproc serve` processes, each its own port, like pods
     work_dir: Path | None = None
+    keep_logs: bool = False  # a temporary work_dir is removed on stop unless asked to keep it
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
     upstreams: list[Upstream] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.policy: Policy = load_policy(self.policy_path)
+        self._owns_work_dir = self.work_dir is None and not self.keep_logs
         if self.work_dir is None:
             self.work_dir = Path(tempfile.mkdtemp(prefix="extproc-stack-"))
         self.admin_port = self.admin_port or free_port()
@@ -230,6 +232,8 @@ class LocalStack:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
+        if self._owns_work_dir and self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def process(self, name: str) -> ManagedProcess:
         return next(p for p in self.processes if p.name == name)

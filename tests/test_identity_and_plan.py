@@ -29,8 +29,12 @@ BASE: dict[str, Any] = {
             "traffic_class": "batch",
             "keys": [{"name": "ci", "sha256": hash_key("sk-acme")}],
             "spiffe_ids": ["spiffe://cluster.local/ns/acme/sa/app"],
-            "limits": {"requests_per_minute": 10, "tokens_per_minute": 1000, "tokens_per_day": 5000,
-                       "max_concurrent_requests": 2},
+            "limits": {
+                "requests_per_minute": 10,
+                "tokens_per_minute": 1000,
+                "tokens_per_day": 5000,
+                "max_concurrent_requests": 2,
+            },
             "per_key_limits": {"tokens_per_minute": 400, "tokens_per_minute_counts": "output"},
             "model_limits": {"m2": {"tokens_per_month": 100}},
         },
@@ -51,8 +55,13 @@ def test_keys_resolve_to_tenants_via_either_header() -> None:
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"authorization": "Bearer sk-wrong"}, {"authorization": "Basic abc"}, {"x-api-key": " "},
-     {"x-llm-tenant": "acme"}],
+    [
+        {},
+        {"authorization": "Bearer sk-wrong"},
+        {"authorization": "Basic abc"},
+        {"x-api-key": " "},
+        {"x-llm-tenant": "acme"},
+    ],
 )
 def test_missing_or_unknown_keys_are_401(headers: dict[str, str]) -> None:
     with pytest.raises(GatewayError) as caught:
@@ -62,7 +71,7 @@ def test_missing_or_unknown_keys_are_401(headers: dict[str, str]) -> None:
 
 
 def test_mesh_identity_only_when_trusted() -> None:
-    xfcc = 'By=spiffe://cluster.local/ns/llm/sa/gw;Hash=abc;URI=spiffe://cluster.local/ns/acme/sa/app'
+    xfcc = "By=spiffe://cluster.local/ns/llm/sa/gw;Hash=abc;URI=spiffe://cluster.local/ns/acme/sa/app"
     assert spiffe_id(xfcc) == "spiffe://cluster.local/ns/acme/sa/app"
     with pytest.raises(GatewayError):
         Authenticator(policy()).identify({"x-forwarded-client-cert": xfcc})
@@ -134,8 +143,12 @@ def test_plan_covers_tenant_key_and_model_scopes_in_one_hash_slot() -> None:
     by_key = {p.rule.key: p for p in plan.rules}
     minute = NOW // 60_000
     assert set(by_key) == {
-        f"xp:{{acme}}:rpm:{minute}", f"xp:{{acme}}:tpm:{minute}", "xp:{acme}:tpd:20261128", "xp:{acme}:conc",
-        f"xp:{{acme}}:k:ci:tpm:{minute}", "xp:{acme}:m:m2:tpmo:202611",
+        f"xp:{{acme}}:rpm:{minute}",
+        f"xp:{{acme}}:tpm:{minute}",
+        "xp:{acme}:tpd:20261128",
+        "xp:{acme}:conc",
+        f"xp:{{acme}}:k:ci:tpm:{minute}",
+        "xp:{acme}:m:m2:tpmo:202611",
     }
     costs = {p.rule.key.split(":", 2)[2]: p.rule.cost for p in plan.rules}
     assert costs[f"tpm:{minute}"] == 150  # total
@@ -150,9 +163,13 @@ def test_success_headers_show_the_tightest_limits() -> None:
     plan = _plan()
     headers = dict(rate_limit_headers(plan, AdmitResult(True, None, (3, 150, 150, 1, 50, 150))))
     assert headers == {
-        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "7", "x-ratelimit-reset-requests": "30s",
+        "x-ratelimit-limit-requests": "10",
+        "x-ratelimit-remaining-requests": "7",
+        "x-ratelimit-reset-requests": "30s",
         # per-key TPM (400, 50 used) leaves 350; tenant TPM (1000, 150 used) leaves 850.
-        "x-ratelimit-limit-tokens": "400", "x-ratelimit-remaining-tokens": "350", "x-ratelimit-reset-tokens": "30s",
+        "x-ratelimit-limit-tokens": "400",
+        "x-ratelimit-remaining-tokens": "350",
+        "x-ratelimit-reset-tokens": "30s",
     }
 
 
@@ -164,12 +181,16 @@ def test_refusals() -> None:
     assert "Limit 1000, Used 900, Requested 150" in tokens.message
     budget = refusal(plan, AdmitResult(False, 2, (3, 150, 4990, 1, 50, 150)))
     assert (budget.type, budget.code, budget.headers["x-should-retry"]) == (
-        "insufficient_quota", "insufficient_quota", "false")
+        "insufficient_quota",
+        "insufficient_quota",
+        "false",
+    )
     huge = refusal(_plan(prompt=900, completion=900), AdmitResult(False, 1, (1, 0, 0, 0, 0, 0)))
     assert huge.headers["x-should-retry"] == "false" and "Request too large" in huge.message
 
 
-@pytest.mark.parametrize(("ms", "text"), [(20, "20ms"), (1500, "1.5s"), (30_000, "30s"), (360_000, "6m0s"),
-                                          (3_723_000, "1h2m3s")])
+@pytest.mark.parametrize(
+    ("ms", "text"), [(20, "20ms"), (1500, "1.5s"), (30_000, "30s"), (360_000, "6m0s"), (3_723_000, "1h2m3s")]
+)
 def test_duration_format(ms: int, text: str) -> None:
     assert format_duration(ms) == text

@@ -1,0 +1,183 @@
+"""What the gateway does while the shared store is unreachable, and how the usage gets there afterwards.
+
+Fail-closed: admissions raise `StoreUnavailable` (the gateway answers 503).
+Fail-open: admissions are decided by a per-process fallback (each replica enforces the limits on its
+own, so the fleet may overshoot by up to the number of replicas), and every settlement meant for the
+primary is queued in memory and written when it answers again. A replayed settlement finds no
+reservation in the primary and adds the real cost in full; one whose reservation the primary still
+holds applies the difference. Both leave the counter where it would have been without the outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import Literal
+
+from extproc import metrics
+from extproc.quota.memory import MemoryStore
+from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, StoreUnavailable
+
+log = logging.getLogger("extproc.quota")
+
+_WARN_EVERY_S = 10.0
+# Local admissions are forgotten this long after they expire: a request never settled must not leak.
+# Forgetting is harmless: its settlement then goes to the primary, which applies the real cost.
+_FORGET_AFTER_MS = 60_000
+
+_Settlement = tuple[str, str, list[LimitRule], list[int]]  # tag, request_id, rules, actual
+
+
+class ResilientStore:
+    def __init__(
+        self,
+        primary: QuotaStore,
+        *,
+        on_failure: Literal["open", "closed"],
+        fallback: QuotaStore | None = None,
+        max_pending: int = 100_000,
+        retry_interval_s: float = 1.0,
+    ) -> None:
+        self.primary = primary
+        self.fallback: QuotaStore = fallback if fallback is not None else MemoryStore()
+        self.on_failure = on_failure
+        self.max_pending = max_pending
+        self.retry_interval_s = retry_interval_s
+        self.fail_open_admissions = 0
+        self.dropped_settlements = 0
+        self._queue: deque[_Settlement] = deque()
+        self._local: dict[str, int] = {}  # request_id admitted by the fallback -> its expires_at_ms
+        self._next_forget_ms = 0
+        self._drain_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._last_warning = -_WARN_EVERY_S
+        # After a failure the primary is skipped for a retry interval: a black-holed Redis would
+        # otherwise cost every admission a full connect timeout.
+        self._primary_down_until = 0.0
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def admit(
+        self, tag: str, request_id: str, rules: list[LimitRule], now_ms: int, expires_at_ms: int
+    ) -> AdmitResult:
+        failure: StoreUnavailable
+        if time.monotonic() < self._primary_down_until:
+            failure = StoreUnavailable("unavailable moments ago; retrying shortly")
+        else:
+            try:
+                return await self.primary.admit(tag, request_id, rules, now_ms, expires_at_ms)
+            except StoreUnavailable as exc:
+                self._primary_down_until = time.monotonic() + self.retry_interval_s
+                failure = exc
+        if self.on_failure == "closed":
+            raise failure
+        result = await self.fallback.admit(tag, request_id, rules, now_ms, expires_at_ms)
+        self.fail_open_admissions += 1
+        metrics.QUOTA_FAIL_OPEN.inc()
+        if result.allowed:
+            self._forget_expired(now_ms)
+            self._local[request_id] = expires_at_ms
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY_S:
+            self._last_warning = now
+            # The exception text names host and error, never a key.
+            log.warning(
+                "quota store unavailable (%s); admitting on per-process limits (%d so far)",
+                failure,
+                self.fail_open_admissions,
+            )
+        return result
+
+    async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
+        if self._local.pop(request_id, None) is not None:
+            self._enqueue((tag, request_id, rules, actual))
+            await self.fallback.settle(tag, request_id, rules, actual)
+            return
+        if time.monotonic() < self._primary_down_until:
+            self._enqueue((tag, request_id, rules, actual))
+            return
+        try:
+            await self.primary.settle(tag, request_id, rules, actual)
+        except StoreUnavailable:
+            self._primary_down_until = time.monotonic() + self.retry_interval_s
+            self._enqueue((tag, request_id, rules, actual))
+
+    async def start(self) -> None:
+        """Start retrying queued settlements now rather than on the next one queued."""
+        self._ensure_task()
+
+    async def flush(self) -> int:
+        """Write queued settlements now, in order, until the queue is empty or the primary fails."""
+        async with self._drain_lock:
+            written = 0
+            while self._queue:
+                settlement = self._queue.popleft()
+                try:
+                    await self.primary.settle(*settlement)
+                except StoreUnavailable:
+                    self._requeue(settlement)
+                    break
+                except asyncio.CancelledError:
+                    # Cancelled mid-write: it may or may not have landed; keep it rather than lose it.
+                    self._requeue(settlement)
+                    raise
+                except Exception:
+                    # A settlement the primary rejects for good must not block all the others behind it.
+                    self.dropped_settlements += 1
+                    log.exception("quota store rejected a queued settlement; dropped it")
+                else:
+                    written += 1
+            return written
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._queue:
+            # Last chance before the process exits; stops at the first failure, so it cannot hang.
+            await self.flush()
+            if self._queue:
+                log.warning("quota store unavailable at shutdown: %d settlements lost", len(self._queue))
+        await self.primary.close()
+        await self.fallback.close()
+
+    def _enqueue(self, settlement: _Settlement) -> None:
+        self._queue.append(settlement)
+        self._trim()
+        self._ensure_task()
+
+    def _requeue(self, settlement: _Settlement) -> None:
+        # Back to the front: still the oldest, so it is the first dropped if the queue overflowed meanwhile.
+        self._queue.appendleft(settlement)
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._queue) > self.max_pending:
+            self._queue.popleft()
+            self.dropped_settlements += 1
+
+    def _ensure_task(self) -> None:
+        if self._queue and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._retry_loop())
+
+    async def _retry_loop(self) -> None:
+        while self._queue:
+            await asyncio.sleep(self.retry_interval_s)
+            try:
+                await self.flush()
+            except Exception:  # never let the loop die with work still queued
+                log.exception("retrying queued quota settlements failed")
+
+    def _forget_expired(self, now_ms: int) -> None:
+        if now_ms < self._next_forget_ms:
+            return
+        self._next_forget_ms = now_ms + _FORGET_AFTER_MS
+        cutoff = now_ms - _FORGET_AFTER_MS
+        self._local = {rid: expires for rid, expires in self._local.items() if expires > cutoff}

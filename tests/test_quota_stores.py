@@ -1,0 +1,559 @@
+"""The quota stores: the same behaviour from MemoryStore and RedisStore (a real, private redis-server),
+and ResilientStore across an outage."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+
+import pytest
+import pytest_asyncio
+import redis.asyncio
+
+from extproc.quota.memory import MemoryStore
+from extproc.quota.redis_store import RedisStore
+from extproc.quota.resilient import ResilientStore
+from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, StoreUnavailable
+from tests.redis_server import RedisServer
+
+MINUTE_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@dataclass
+class Harness:
+    store: QuotaStore
+    tag: str
+    db: redis.asyncio.Redis | None  # raw access to what RedisStore wrote; None for MemoryStore
+
+    def key(self, name: str) -> str:
+        return f"xp:{{{self.tag}}}:{name}"
+
+    def counter(self, name: str, limit: int, cost: int, ttl_ms: int = MINUTE_MS) -> LimitRule:
+        return LimitRule(self.key(name), "counter", limit, cost, ttl_ms)
+
+    def slots(self, limit: int, name: str = "conc") -> LimitRule:
+        return LimitRule(self.key(name), "concurrency", limit, 1, 1000)
+
+    async def usage(self, rules: list[LimitRule], now_ms: int | None = None) -> tuple[int, ...]:
+        """Current usage per rule, read through the store itself: an admission that must be denied."""
+        now = now_ms if now_ms is not None else now_ms_()
+        probe = [replace(rule, limit=0, cost=1) for rule in rules]
+        result = await self.store.admit(self.tag, f"probe-{uuid.uuid4().hex}", probe, now, now + 1)
+        assert not result.allowed
+        return result.used
+
+    async def exists(self, name: str) -> bool | None:
+        """Whether RedisStore holds the key (None for MemoryStore, which cannot be asked)."""
+        return None if self.db is None else bool(await self.db.exists(self.key(name)))
+
+
+def now_ms_() -> int:
+    return int(time.time() * 1000)
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def unique_tag() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest_asyncio.fixture(params=["memory", "redis"])
+async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        store: QuotaStore = MemoryStore()
+        harness = Harness(store, unique_tag(), None)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        # Generous: these tests are about semantics, and a loaded CI machine can stall a read for 250 ms.
+        store = RedisStore(server.url, timeout_s=2.0)
+        harness = Harness(store, unique_tag(), redis.asyncio.Redis.from_url(server.url))
+    yield harness
+    await store.close()
+    if harness.db is not None:
+        await harness.db.aclose()
+
+
+# --- the same behaviour from both stores -------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_admit_charges_every_rule_or_none(h: Harness) -> None:
+    now = now_ms_()
+    tpm, rpm, conc = h.counter("tpm", 100, 30), h.counter("rpm", 50, 60), h.slots(5)
+    assert await h.store.admit(h.tag, "r1", [tpm, rpm, conc], now, now + MINUTE_MS) == AdmitResult(False, 1, (0, 0, 0))
+    assert await h.usage([tpm, rpm, conc]) == (0, 0, 0)
+    assert await h.exists("tpm") is not True  # a denial creates nothing
+
+    rpm = replace(rpm, cost=40)
+    assert await h.store.admit(h.tag, "r2", [tpm, rpm, conc], now, now + MINUTE_MS) == AdmitResult(
+        True, None, (30, 40, 1)
+    )
+    assert await h.usage([tpm, rpm, conc]) == (30, 40, 1)
+
+
+@pytest.mark.asyncio
+async def test_denial_reports_the_first_denying_rule_and_current_usage(h: Harness) -> None:
+    now = now_ms_()
+    tpm, rpm, conc = h.counter("tpm", 100, 90), h.counter("rpm", 50, 10), h.slots(1)
+    assert (await h.store.admit(h.tag, "r1", [tpm, rpm, conc], now, now + MINUTE_MS)).used == (90, 10, 1)
+
+    second = [replace(tpm, cost=5), replace(rpm, cost=41), conc]  # rpm and conc are both full
+    assert await h.store.admit(h.tag, "r2", second, now, now + MINUTE_MS) == AdmitResult(False, 1, (90, 10, 1))
+    third = [replace(tpm, cost=11), replace(rpm, cost=1), conc]
+    assert await h.store.admit(h.tag, "r3", third, now, now + MINUTE_MS) == AdmitResult(False, 0, (90, 10, 1))
+    assert await h.usage([tpm, rpm, conc]) == (90, 10, 1)
+
+
+@pytest.mark.asyncio
+async def test_zero_cost_never_denies_and_charges_nothing(h: Harness) -> None:
+    now = now_ms_()
+    full = h.counter("tpm", 10, 10)
+    assert (await h.store.admit(h.tag, "r1", [full], now, now + MINUTE_MS)).allowed
+    assert await h.store.admit(h.tag, "r2", [replace(full, cost=0)], now, now + MINUTE_MS) == AdmitResult(
+        True, None, (10,)
+    )
+    fresh = h.counter("fresh", 10, 0)
+    assert (await h.store.admit(h.tag, "r3", [fresh], now, now + MINUTE_MS)).allowed
+    assert await h.exists("fresh") is not True
+
+
+@pytest.mark.asyncio
+async def test_settle_applies_the_difference(h: Harness) -> None:
+    now = now_ms_()
+    rules = [h.counter("tpm", 1000, 100), h.counter("rpm", 10, 1), h.slots(2)]
+    await h.store.admit(h.tag, "short", rules, now, now + MINUTE_MS)
+    await h.store.admit(h.tag, "long", rules, now, now + MINUTE_MS)
+    assert await h.usage(rules) == (200, 2, 2)
+
+    await h.store.settle(h.tag, "short", rules, [37, 1, 1])
+    assert await h.usage(rules) == (137, 2, 1)
+    await h.store.settle(h.tag, "long", rules, [150, 1, 1])  # more than reserved: the real cost still counts
+    assert await h.usage(rules) == (187, 2, 0)
+
+
+@pytest.mark.asyncio
+async def test_settle_without_a_reservation_applies_the_actual_cost(h: Harness) -> None:
+    rules = [h.counter("tpm", 1000, 100), h.counter("zero", 10, 1), h.slots(2)]
+    await h.store.settle(h.tag, "never-admitted", rules, [25, 0, 1])
+    assert await h.usage(rules) == (25, 0, 0)
+    assert await h.exists("zero") is not True  # nothing to add: no key
+    if h.db is not None:
+        assert 0 < await h.db.pttl(h.key("tpm")) <= MINUTE_MS
+
+
+@pytest.mark.asyncio
+async def test_expired_reservation_is_released_on_the_next_admit(h: Harness) -> None:
+    now = now_ms_()
+    tpm, conc = h.counter("tpm", 1000, 100), h.slots(1)
+    assert (await h.store.admit(h.tag, "crashed", [tpm, conc], now, now + 10)).allowed
+    assert await h.store.admit(h.tag, "blocked", [replace(tpm, cost=5), conc], now + 5, now + MINUTE_MS) == (
+        AdmitResult(False, 1, (100, 1))
+    )
+
+    later = now + 20
+    assert await h.store.admit(h.tag, "next", [replace(tpm, cost=5), conc], later, later + MINUTE_MS) == (
+        AdmitResult(True, None, (5, 1))
+    )
+    # Its gateway comes back after all: no reservation left, so the real cost is added in full.
+    await h.store.settle(h.tag, "crashed", [tpm, conc], [40, 1])
+    assert await h.usage([tpm, conc], later) == (45, 1)
+    await h.store.settle(h.tag, "next", [replace(tpm, cost=5), conc], [5, 1])
+    assert await h.usage([tpm, conc], later) == (45, 0)
+
+
+@pytest.mark.asyncio
+async def test_releases_per_admission_are_bounded(h: Harness) -> None:
+    now = now_ms_()
+    rpm = h.counter("rpm", 1000, 1)
+    for i in range(150):
+        assert (await h.store.admit(h.tag, f"r{i}", [rpm], now, now + 1)).allowed
+    later = now + 10
+    assert (await h.store.admit(h.tag, "a", [rpm], later, later + MINUTE_MS)).used == (150 - 100 + 1,)
+    assert (await h.store.admit(h.tag, "b", [rpm], later, later + MINUTE_MS)).used == (51 - 50 + 1,)
+
+
+@pytest.mark.asyncio
+async def test_counters_never_go_negative_nor_reappear(h: Harness) -> None:
+    t0 = now_ms_()
+    short = h.counter("tpm", 1000, 100, ttl_ms=100)
+    assert (await h.store.admit(h.tag, "old", [short], t0, t0 + MINUTE_MS)).allowed
+    assert (await h.store.admit(h.tag, "gone", [replace(short, key=h.key("gone"))], t0, t0 + 120)).allowed
+    await asyncio.sleep(0.15)  # both counters' windows end; their keys go
+
+    t1 = now_ms_()
+    fresh = replace(short, cost=5, ttl_ms=MINUTE_MS)
+    assert await h.store.admit(h.tag, "new", [fresh], t1, t1 + MINUTE_MS) == AdmitResult(True, None, (5,))
+    # "old" reserved 100 on the key before it expired: settling at 0 must stop at zero, not go to -95.
+    await h.store.settle(h.tag, "old", [short], [0])
+    assert await h.usage([fresh], t1) == (0,)
+    # "gone" expired too: releasing it must not bring its key back as a negative count.
+    assert await h.exists("gone") is not True
+    assert await h.usage([replace(short, key=h.key("gone"))], t1) == (0,)
+    assert await h.exists("gone") is not True
+
+
+@pytest.mark.asyncio
+async def test_concurrency_admits_up_to_the_limit_and_settle_frees_a_slot(h: Harness) -> None:
+    now = now_ms_()
+    conc = h.slots(3)
+    for i in range(3):
+        assert await h.store.admit(h.tag, f"r{i}", [conc], now, now + MINUTE_MS) == AdmitResult(True, None, (i + 1,))
+    assert await h.store.admit(h.tag, "r3", [conc], now, now + MINUTE_MS) == AdmitResult(False, 0, (3,))
+    await h.store.settle(h.tag, "r1", [conc], [1])
+    assert await h.store.admit(h.tag, "r4", [conc], now, now + MINUTE_MS) == AdmitResult(True, None, (3,))
+
+
+@pytest.mark.asyncio
+async def test_concurrent_admissions_never_overshoot(h: Harness) -> None:
+    now = now_ms_()
+
+    async def burst(rules: list[LimitRule], n: int = 200) -> list[AdmitResult]:
+        return list(
+            await asyncio.gather(
+                *(h.store.admit(h.tag, uuid.uuid4().hex, rules, now, now + MINUTE_MS) for _ in range(n))
+            )
+        )
+
+    rpm = h.counter("rpm", 50, 1)
+    assert sum(r.allowed for r in await burst([rpm])) == 50
+    assert await h.usage([rpm]) == (50,)
+
+    tpm = h.counter("tpm", 1000, 7)
+    admitted = sum(r.allowed for r in await burst([tpm]))
+    assert admitted * 7 <= 1000 and admitted == 1000 // 7
+
+    # Each admitted request saw a distinct count: the check and the charge are one step.
+    conc, rpm2 = h.slots(20), h.counter("rpm2", 100, 1)
+    results = await burst([rpm2, conc])
+    assert sorted(r.used[1] for r in results if r.allowed) == list(range(1, 21))
+    assert await h.usage([rpm2, conc]) == (20, 20)  # denials charged nothing
+
+
+@pytest.mark.asyncio
+async def test_counts_beyond_fourteen_digits_stay_exact(h: Harness) -> None:
+    # Lua prints numbers with 14 significant digits unless told otherwise.
+    now, big = now_ms_(), 10**14
+    tpmo = h.counter("tpmo", 10**15, big + 1)
+    assert (await h.store.admit(h.tag, "r1", [tpmo], now, now + MINUTE_MS)).used == (big + 1,)
+    await h.store.settle(h.tag, "r1", [tpmo], [big + 12_345])
+    assert await h.usage([tpmo]) == (big + 12_345,)
+
+    assert (await h.store.admit(h.tag, "crashed", [replace(tpmo, cost=big + 1)], now, now + 1)).allowed
+    assert await h.usage([tpmo], now + 10) == (big + 12_345,)  # released: exactly what it had charged
+
+    replayed = h.counter("replayed", 10**15, 1)
+    await h.store.settle(h.tag, "never-admitted", [replayed], [big + 3])
+    assert await h.usage([replayed]) == (big + 3,)
+
+
+@pytest.mark.asyncio
+async def test_settle_needs_one_cost_per_rule(h: Harness) -> None:
+    with pytest.raises(ValueError):
+        await h.store.settle(h.tag, "r1", [h.counter("tpm", 10, 1)], [1, 2])
+
+
+# --- RedisStore only --------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def redis_db(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    db = redis.asyncio.Redis.from_url(redis_server.url)
+    yield db
+    await db.aclose()
+
+
+@pytest.mark.asyncio
+async def test_redis_keys_share_the_hash_tag_and_all_expire(
+    redis_server: RedisServer, redis_db: redis.asyncio.Redis
+) -> None:
+    store, tag, now = RedisStore(redis_server.url), unique_tag(), now_ms_()
+    rules = [
+        LimitRule(f"xp:{{{tag}}}:tpm:1", "counter", 100, 10, MINUTE_MS),
+        LimitRule(f"xp:{{{tag}}}:conc", "concurrency", 5, 1, 1000),
+    ]
+    try:
+        assert (await store.admit(tag, "r1", rules, now, now + 10 * MINUTE_MS)).allowed
+        keys = sorted(text(k) for k in await redis_db.keys(f"*{tag}*"))
+        assert keys == sorted(
+            [f"xp:{{{tag}}}:tpm:1", f"xp:{{{tag}}}:conc", f"xp:{{{tag}}}:resv", f"xp:{{{tag}}}:resv:exp"]
+        )
+        for key in keys:
+            assert await redis_db.pttl(key) > 0, key
+        assert 0 < await redis_db.pttl(f"xp:{{{tag}}}:tpm:1") <= MINUTE_MS
+        assert await redis_db.pttl(f"xp:{{{tag}}}:conc") >= 10 * MINUTE_MS - 1000
+
+        await store.settle(tag, "r1", rules, [7, 1])
+        assert sorted(text(k) for k in await redis_db.keys(f"*{tag}*")) == [f"xp:{{{tag}}}:tpm:1"]
+
+        with pytest.raises(ValueError, match="hash tag"):
+            await store.admit(tag, "r2", [LimitRule("xp:other:tpm", "counter", 1, 1, 1000)], now, now + 1000)
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_script_is_reloaded_after_script_flush(
+    redis_server: RedisServer, redis_db: redis.asyncio.Redis
+) -> None:
+    store, tag, now = RedisStore(redis_server.url), unique_tag(), now_ms_()
+    rule = LimitRule(f"xp:{{{tag}}}:rpm", "counter", 10, 1, MINUTE_MS)
+    try:
+        assert (await store.admit(tag, "r1", [rule], now, now + 1000)).allowed
+        await redis_db.script_flush()  # as after a failover to a replica that never saw the script
+        assert (await store.admit(tag, "r2", [rule], now, now + 1000)).used == (2,)
+        await redis_db.script_flush()
+        await store.settle(tag, "r2", [rule], [1])
+        assert await store.ping()
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_burst_beyond_the_pool_waits_for_a_connection(redis_server: RedisServer) -> None:
+    store, tag, now = RedisStore(redis_server.url, timeout_s=2.0, max_connections=4), unique_tag(), now_ms_()
+    rule = LimitRule(f"xp:{{{tag}}}:rpm", "counter", 1000, 1, MINUTE_MS)
+    try:
+        results = await asyncio.gather(*(store.admit(tag, f"r{i}", [rule], now, now + 1000) for i in range(100)))
+        assert all(r.allowed for r in results)
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_unreachable_redis_is_store_unavailable_quickly() -> None:
+    from extproc.stack import free_port
+
+    store, now = RedisStore(f"redis://127.0.0.1:{free_port()}/0"), now_ms_()
+    rule = LimitRule("xp:{t}:rpm", "counter", 10, 1, MINUTE_MS)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.admit("t", "r1", [rule], now, now + 1000)
+        with pytest.raises(StoreUnavailable):
+            await store.settle("t", "r1", [rule], [1])
+        assert not await store.ping()
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 1.0
+
+
+# --- MemoryStore only -------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_memory_store_forgets_what_has_expired() -> None:
+    store, now = MemoryStore(purge_every=100), now_ms_()
+    for i in range(1000):
+        rules = [
+            LimitRule(f"xp:{{t{i}}}:rpm", "counter", 10, 1, 1000),
+            LimitRule(f"xp:{{t{i}}}:c", "concurrency", 5, 1, 0),
+        ]
+        await store.admit(f"t{i}", f"r{i}", rules, now, now + 500)
+    assert store.size == 3000
+    later = now + 10_000
+    for i in range(100):
+        await store.admit(
+            "other", f"o{i}", [LimitRule("xp:{other}:rpm", "counter", 10**6, 1, MINUTE_MS)], later, later + 1
+        )
+    assert store.size <= 1 + 100  # one live counter, and at most the reservations of the last purge interval
+
+    # Settled reservations leave their heap entries behind; the heap must not grow with traffic.
+    rule = LimitRule("xp:{busy}:rpm", "counter", 10**6, 1, MINUTE_MS)
+    for i in range(5000):
+        await store.admit("busy", f"b{i}", [rule], later, later + 10 * MINUTE_MS)
+        await store.settle("busy", f"b{i}", [rule], [1])
+    assert len(store._tags["busy"].expiry) < 200
+
+
+# --- ResilientStore ---------------------------------------------------------------------------
+
+
+class FlakyStore:
+    """A MemoryStore that can be taken down, recording the settlements it accepted."""
+
+    def __init__(self, settle_delays_s: dict[str, float] | None = None) -> None:
+        self.inner = MemoryStore()
+        self.down = False
+        self.settled: list[str] = []
+        self.settle_delays_s = settle_delays_s or {}
+
+    async def admit(
+        self, tag: str, request_id: str, rules: list[LimitRule], now_ms: int, expires_at_ms: int
+    ) -> AdmitResult:
+        if self.down:
+            raise StoreUnavailable("down")
+        return await self.inner.admit(tag, request_id, rules, now_ms, expires_at_ms)
+
+    async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
+        if request_id in self.settle_delays_s:
+            await asyncio.sleep(self.settle_delays_s[request_id])
+        if self.down:
+            raise StoreUnavailable("down")
+        self.settled.append(request_id)
+        await self.inner.settle(tag, request_id, rules, actual)
+
+    async def close(self) -> None:
+        pass
+
+
+RPM = LimitRule("xp:{t}:rpm", "counter", 2, 1, MINUTE_MS)
+
+
+async def admit_and_settle(store: QuotaStore, request_id: str, rules: list[LimitRule] = [RPM]) -> bool:  # noqa: B006
+    now = now_ms_()
+    allowed = (await store.admit("t", request_id, rules, now, now + MINUTE_MS)).allowed
+    if allowed:
+        await store.settle("t", request_id, rules, [1] * len(rules))
+    return allowed
+
+
+@pytest.fixture
+def outage_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.mark.asyncio
+async def test_redis_outage_fails_closed(outage_server: RedisServer) -> None:
+    store = ResilientStore(RedisStore(outage_server.url), on_failure="closed")
+    outage_server.stop()
+    now = now_ms_()
+    with pytest.raises(StoreUnavailable):
+        await store.admit("t", "r1", [RPM], now, now + 1000)
+    assert store.fail_open_admissions == 0
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_outage_fails_open_and_usage_reaches_redis_afterwards(outage_server: RedisServer) -> None:
+    store = ResilientStore(RedisStore(outage_server.url, timeout_s=2.0), on_failure="open", retry_interval_s=60)
+    tpm = LimitRule("xp:{t}:tpm", "counter", 1000, 100, MINUTE_MS)
+    conc = LimitRule("xp:{t}:conc", "concurrency", 5, 1, 1000)
+    now = now_ms_()
+    try:
+        assert (await store.admit("t", "before", [tpm, conc], now, now + MINUTE_MS)).allowed
+        outage_server.stop()  # saved: "before" keeps its reservation across the restart
+
+        assert await store.admit("t", "during", [tpm, conc], now, now + MINUTE_MS) == AdmitResult(True, None, (100, 1))
+        assert store.fail_open_admissions == 1
+        await store.settle("t", "during", [tpm, conc], [30, 1])  # replayed later in full
+        await store.settle("t", "before", [tpm, conc], [20, 1])  # its reservation is in Redis: the difference
+        assert store.pending == 2
+
+        outage_server.restart()
+        assert await store.flush() == 2
+        assert store.pending == 0
+    finally:
+        await store.close()
+    db = redis.asyncio.Redis.from_url(outage_server.url)
+    try:
+        assert int(await db.get("xp:{t}:tpm") or 0) == 50
+        assert await db.zcard("xp:{t}:conc") == 0
+        assert await db.hlen("xp:{t}:resv") == 0
+    finally:
+        await db.aclose()
+
+
+@pytest.mark.asyncio
+async def test_fallback_enforces_limits_while_the_primary_is_down() -> None:
+    primary = FlakyStore()
+    primary.down = True
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    now = now_ms_()
+    results = [await store.admit("t", f"r{i}", [RPM], now, now + MINUTE_MS) for i in range(3)]
+    assert [r.allowed for r in results] == [True, True, False]
+    assert store.fail_open_admissions == 3
+
+    # Settled locally too, so a slot taken during the outage is given back during the outage.
+    one_at_a_time = [LimitRule("xp:{t}:conc", "concurrency", 1, 1, 1000)]
+    assert await admit_and_settle(store, "c1", one_at_a_time)
+    assert await admit_and_settle(store, "c2", one_at_a_time)
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_queued_settlements_drain_in_the_background_once_the_primary_is_back() -> None:
+    primary = FlakyStore()
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=0.02)
+    primary.down = True
+    assert await admit_and_settle(store, "r1")
+    assert store.pending == 1
+    await asyncio.sleep(0.05)  # retried and failed meanwhile
+    assert store.pending == 1
+    primary.down = False
+    for _ in range(100):
+        if store.pending == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert primary.settled == ["r1"]
+    assert (await primary.inner.admit("t", "probe", [replace(RPM, limit=0)], now_ms_(), now_ms_() + 1)).used == (1,)
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_full_queue_drops_the_oldest() -> None:
+    primary = FlakyStore()
+    store = ResilientStore(primary, on_failure="open", max_pending=3, retry_interval_s=60)
+    primary.down = True
+    for i in range(5):
+        await admit_and_settle(store, f"r{i}", [replace(RPM, limit=100)])
+    assert (store.pending, store.dropped_settlements) == (3, 2)
+    primary.down = False
+    assert await store.flush() == 3
+    assert primary.settled == ["r2", "r3", "r4"]
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_settlement_failing_at_the_primary_is_queued_and_close_writes_it() -> None:
+    primary = FlakyStore()
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    now = now_ms_()
+    assert (await store.admit("t", "r1", [RPM], now, now + MINUTE_MS)).allowed
+    primary.down = True
+    await store.settle("t", "r1", [RPM], [1])
+    assert store.pending == 1 and store.fail_open_admissions == 0
+    primary.down = False
+    await store.close()
+    assert primary.settled == ["r1"]
+
+
+@pytest.mark.asyncio
+async def test_drains_run_one_at_a_time_in_order() -> None:
+    primary = FlakyStore(settle_delays_s={"r0": 0.02})  # a slow first write must not be overtaken
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=0.001)
+    primary.down = True
+    for i in range(5):
+        await admit_and_settle(store, f"r{i}", [replace(RPM, limit=100)])
+    primary.down = False
+    await asyncio.gather(store.flush(), store.flush(), asyncio.sleep(0.01))
+    await store.flush()
+    assert primary.settled == [f"r{i}" for i in range(5)]
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_fail_open_warns_at_most_every_ten_seconds_without_keys(caplog: pytest.LogCaptureFixture) -> None:
+    primary = FlakyStore()
+    primary.down = True
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    with caplog.at_level(logging.WARNING, logger="extproc.quota"):
+        for i in range(3):
+            await admit_and_settle(store, f"r{i}", [replace(RPM, limit=100)])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "xp:" not in warnings[0].getMessage()
+    primary.down = False
+    await store.close()
