@@ -66,6 +66,31 @@ _OUTCOMES = frozenset(
 )
 
 
+_children: dict[tuple[str, ...], Counter] = {}
+
+
+def _child(metric: Counter, *labels: str) -> Counter:
+    # prometheus_client's labels() takes a lock and builds a tuple per call; ours is one dict lookup.
+    key = (metric._name, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
+def count_request(model: str, endpoint: str, code: str | None) -> None:
+    _child(REQUESTS, model, endpoint, outcome_label(code)).inc()
+
+
+def count_usage(model: str, tenant: str, prompt: int, completion: int) -> None:
+    _child(TOKENS, model, tenant, "prompt").inc(prompt)
+    _child(TOKENS, model, tenant, "completion").inc(completion)
+
+
+def count_response(model: str, status: int) -> None:
+    _child(RESPONSES, model, f"{status // 100}xx").inc()
+
+
 def outcome_label(code: str | None) -> str:
     if code is None:
         return "invalid_request"

@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.core import BodyMode
-from extproc.processor import _RESPONSE_MODES
+from extproc.processor import RESPONSE_HEADERS_WITH_MODE
 
 _REPLIES = {
     "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
@@ -23,10 +23,7 @@ _REPLIES = {
     "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
     "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
 }
-_RESPONSE_HEADERS = {
-    mode: pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=override)
-    for mode, override in _RESPONSE_MODES.items()
-}
+_RESPONSE_HEADERS = RESPONSE_HEADERS_WITH_MODE
 
 
 class NullProcessor(pb_grpc.ExternalProcessorServicer):

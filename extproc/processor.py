@@ -43,27 +43,35 @@ _PASSTHROUGH_MODE = _Mode(
     request_trailer_mode=_Mode.SKIP,
     response_trailer_mode=_Mode.SKIP,
 )
-_RESPONSE_MODES = {
+RESPONSE_BODY_MODES = {
     BodyMode.STREAMED: _Mode(response_body_mode=_Mode.STREAMED, response_trailer_mode=_Mode.SKIP),
     # BUFFERED_PARTIAL: a JSON body over Envoy's buffer limit is passed on rather than failed with 500.
     BodyMode.BUFFERED: _Mode(response_body_mode=_Mode.BUFFERED_PARTIAL, response_trailer_mode=_Mode.SKIP),
 }
-_RESPONSE_HEADERS_WITH_MODE = {
+RESPONSE_HEADERS_WITH_MODE = {
     mode: pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=override)
-    for mode, override in _RESPONSE_MODES.items()
+    for mode, override in RESPONSE_BODY_MODES.items()
 }
 _CONTINUE_PASSTHROUGH = pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=_PASSTHROUGH_MODE)
 
 
+_OPTION_CACHE: dict[tuple[str, str], base_pb2.HeaderValueOption] = {}
+_OPTION_CACHE_MAX = 4096  # header values repeat (backend, tenant, tier); bounded all the same
+
+
+def _option(key: str, value: str) -> base_pb2.HeaderValueOption:
+    option = _OPTION_CACHE.get((key, value))
+    if option is None:
+        # Values travel in raw_value only: `value` alone yields an empty header, both are rejected.
+        option = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+        if len(_OPTION_CACHE) >= _OPTION_CACHE_MAX:
+            _OPTION_CACHE.clear()
+        _OPTION_CACHE[(key, value)] = option
+    return option
+
+
 def header_mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> pb.HeaderMutation:
-    # Values travel in raw_value only: `value` alone yields an empty header, both are rejected.
-    return pb.HeaderMutation(
-        set_headers=[
-            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()))
-            for key, value in set_headers
-        ],
-        remove_headers=list(remove),
-    )
+    return pb.HeaderMutation(set_headers=[_option(k, v) for k, v in set_headers], remove_headers=remove)
 
 
 def immediate(reply: Reply) -> pb.ProcessingResponse:
@@ -126,7 +134,7 @@ class RequestStream:
         self.phase = Phase.DONE
         if isinstance(verdict, Reply):
             if verdict.status >= 400:
-                metrics.REQUESTS.labels("-", "-", metrics.outcome_label(verdict.code)).inc()
+                metrics.count_request("-", "-", verdict.code)
             return immediate(verdict)
         if not verdict.strip_headers:
             return _CONTINUE_PASSTHROUGH
@@ -153,11 +161,11 @@ class RequestStream:
         except GatewayError as exc:
             self.phase = Phase.DONE
             model = admission.model.name if admission is not None else "-"
-            metrics.REQUESTS.labels(model, endpoint, metrics.outcome_label(exc.code)).inc()
+            metrics.count_request(model, endpoint, exc.code)
             return immediate(Reply.from_error(exc))
         self.admission = admission
         self.phase = Phase.UPSTREAM
-        metrics.REQUESTS.labels(admission.model.name, endpoint, "ok").inc()
+        metrics.count_request(admission.model.name, endpoint, "ok")
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "admitted model=%s backend=%s endpoint=%s prompt_tokens=%d max_completion_tokens=%d stream=%s%s",
@@ -187,14 +195,14 @@ class RequestStream:
         self.phase = Phase.DONE if done else Phase.RESPONSE_BODY
         rate_headers = self.reservation.headers if self.reservation is not None else None
         if not rate_headers:
-            return _CONTINUE_RESPONSE_HEADERS if done else _RESPONSE_HEADERS_WITH_MODE[mode]
+            return _CONTINUE_RESPONSE_HEADERS if done else RESPONSE_HEADERS_WITH_MODE[mode]
         reply = pb.ProcessingResponse(
             response_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(header_mutation=header_mutation(rate_headers))
             )
         )
         if not done:
-            reply.mode_override.CopyFrom(_RESPONSE_MODES[mode])
+            reply.mode_override.CopyFrom(RESPONSE_BODY_MODES[mode])
         return reply
 
     def _on_response_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
@@ -236,23 +244,25 @@ class RequestStream:
         # Cut short mid-stream: one SSE event per generated token is vLLM's pacing.
         return self.admission.prompt_tokens, min(watcher.events_seen, self.admission.completion_tokens)
 
-    def close(self) -> None:
-        """The stream is over, finished or cut short: settle the reservation and log the cost."""
+    def finish(self) -> tuple[Reservation, int, int] | None:
+        """The stream is over, finished or cut short: count and log the cost; return what to settle."""
         if self.admission is None:
-            return
+            return None
         prompt, completion = self.final_usage()
-        if self.reservation is not None and self.quotas is not None:
-            self.quotas.settle(self.reservation, prompt, completion)
+        settlement = (self.reservation, prompt, completion) if self.reservation is not None else None
         model = self.admission.model.name
         identity = self.admission.identity
         tenant = identity.tenant.name if identity is not None else "-"
-        metrics.TOKENS.labels(model, tenant, "prompt").inc(prompt)
-        metrics.TOKENS.labels(model, tenant, "completion").inc(completion)
+        metrics.count_usage(model, tenant, prompt, completion)
         watcher = self.watcher
         if watcher is not None and watcher.status:
-            metrics.RESPONSES.labels(model, f"{watcher.status // 100}xx").inc()
-        if not log.isEnabledFor(logging.INFO):
-            return
+            metrics.count_response(model, watcher.status)
+        if log.isEnabledFor(logging.INFO):
+            self._log_end(watcher)
+        return settlement
+
+    def _log_end(self, watcher: ResponseWatcher | None) -> None:
+        assert self.admission is not None
         usage = watcher.usage if watcher is not None else None
         if usage is not None:
             log.info(
@@ -292,4 +302,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             # Envoy closes streams it no longer needs, clients go away: both are normal.
             pass
         finally:
-            stream.close()
+            # Never awaited here: Envoy resets the stream once the HTTP exchange is over, which
+            # would cancel a settlement in flight. The quota service settles in its own task.
+            settlement = stream.finish()
+            if settlement is not None and self.quotas is not None:
+                self.quotas.settle(*settlement)

@@ -50,26 +50,14 @@ def _wait_serving(port: int, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError("server never became healthy")
 
 
+def _serve(port: int, policy: Path, *extra: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "extproc", "serve", "--listen", f"127.0.0.1:{port}", "--policy", str(policy)]
+    return subprocess.Popen([*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def test_workers_share_the_port_report_health_and_stop_on_sigterm(gateway_policy_path: Path) -> None:
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "extproc",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--policy",
-            str(gateway_policy_path),
-            "--workers",
-            "2",
-            "--grace-seconds",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = _serve(port, gateway_policy_path, "--workers", "2", "--grace-seconds", "2")
     try:
         _wait_serving(port, process)
         assert len(_children(process.pid)) == 2
@@ -169,22 +157,7 @@ def test_metrics_endpoint_counts_decisions(gateway_policy_path: Path) -> None:
     from extproc.processor import header_mutation
 
     port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "extproc",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--policy",
-            str(gateway_policy_path),
-            "--metrics-port",
-            str(metrics_port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = _serve(port, gateway_policy_path, "--metrics-port", str(metrics_port))
     try:
         _wait_serving(port, process)
         headers = header_mutation([(":path", "/v1/chat/completions"), (":method", "POST")]).set_headers

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Literal
 
 from extproc import names
@@ -59,14 +60,18 @@ def _cost(metric: Metric, counts: TokenCounts, prompt: int, completion: int) -> 
     return prompt + completion
 
 
-def _month_bounds(now: datetime) -> tuple[str, datetime]:
-    start_next = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
-    return f"{now.year:04d}{now.month:02d}", start_next
-
-
-def _day_bounds(now: datetime) -> tuple[str, int]:
-    start = datetime(now.year, now.month, now.day, tzinfo=UTC)
-    return f"{now.year:04d}{now.month:02d}{now.day:02d}", int(start.timestamp() * 1000) + 86_400_000
+@lru_cache(maxsize=4)
+def _calendar(minute: int) -> tuple[str, int, str, int]:
+    """Day and month window ids and their ends (ms), computed once per minute, not per request."""
+    now = datetime.fromtimestamp(minute * 60, UTC)
+    day_start = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    month_end = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+    return (
+        f"{now.year:04d}{now.month:02d}{now.day:02d}",
+        int(day_start.timestamp() * 1000) + 86_400_000,
+        f"{now.year:04d}{now.month:02d}",
+        int(month_end.timestamp() * 1000),
+    )
 
 
 def plan_quota(
@@ -91,38 +96,64 @@ def plan_quota(
 
     minute = now_ms // _MINUTE_MS
     minute_reset = (minute + 1) * _MINUTE_MS - now_ms
-    now = datetime.fromtimestamp(now_ms / 1000, UTC)
-    day_id, day_end_ms = _day_bounds(now)
-    month_id, month_end = _month_bounds(now)
-    month_end_ms = int(month_end.timestamp() * 1000)
-
+    day_id, day_end_ms, month_id, month_end_ms = _calendar(minute)
+    total = prompt_tokens + completion_tokens
     rules: list[PlannedRule] = []
-
-    def add(metric: Metric, counts: TokenCounts, scope: str, key: str, limit: int, reset_ms: int) -> None:
-        kind: Literal["counter", "concurrency"] = "concurrency" if metric == "concurrency" else "counter"
-        cost = _cost(metric, counts, prompt_tokens, completion_tokens)
-        rules.append(
-            PlannedRule(LimitRule(key, kind, limit, cost, reset_ms + _SLACK_MS), metric, counts, scope, reset_ms)
-        )
-
     for scope, key, spec in scopes:
         if spec.requests_per_minute:
-            add("requests", "total", scope, f"{key}:rpm:{minute}", spec.requests_per_minute, minute_reset)
+            rules.append(
+                PlannedRule(
+                    LimitRule(f"{key}:rpm:{minute}", "counter", spec.requests_per_minute, 1, minute_reset + _SLACK_MS),
+                    "requests",
+                    "total",
+                    scope,
+                    minute_reset,
+                )
+            )
         if spec.tokens_per_minute:
-            add(
-                "tokens",
-                spec.tokens_per_minute_counts,
-                scope,
-                f"{key}:tpm:{minute}",
-                spec.tokens_per_minute,
-                minute_reset,
+            counts = spec.tokens_per_minute_counts
+            cost = _cost("tokens", counts, prompt_tokens, completion_tokens)
+            rules.append(
+                PlannedRule(
+                    LimitRule(f"{key}:tpm:{minute}", "counter", spec.tokens_per_minute, cost, minute_reset + _SLACK_MS),
+                    "tokens",
+                    counts,
+                    scope,
+                    minute_reset,
+                )
             )
         if spec.tokens_per_day:
-            add("day", "total", scope, f"{key}:tpd:{day_id}", spec.tokens_per_day, day_end_ms - now_ms)
+            reset = day_end_ms - now_ms
+            rules.append(
+                PlannedRule(
+                    LimitRule(f"{key}:tpd:{day_id}", "counter", spec.tokens_per_day, total, reset + _SLACK_MS),
+                    "day",
+                    "total",
+                    scope,
+                    reset,
+                )
+            )
         if spec.tokens_per_month:
-            add("month", "total", scope, f"{key}:tpmo:{month_id}", spec.tokens_per_month, month_end_ms - now_ms)
+            reset = month_end_ms - now_ms
+            rules.append(
+                PlannedRule(
+                    LimitRule(f"{key}:tpmo:{month_id}", "counter", spec.tokens_per_month, total, reset + _SLACK_MS),
+                    "month",
+                    "total",
+                    scope,
+                    reset,
+                )
+            )
         if spec.max_concurrent_requests:
-            add("concurrency", "total", scope, f"{key}:conc", spec.max_concurrent_requests, 1000)
+            rules.append(
+                PlannedRule(
+                    LimitRule(f"{key}:conc", "concurrency", spec.max_concurrent_requests, 1, _SLACK_MS),
+                    "concurrency",
+                    "total",
+                    scope,
+                    1000,
+                )
+            )
     return QuotaPlan(tag, request_id, rules, now_ms + reservation_ttl_ms, prompt_tokens, completion_tokens)
 
 

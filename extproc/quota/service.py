@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
 from extproc import metrics
@@ -16,6 +17,7 @@ from extproc.quota.plan import QuotaPlan, plan_quota, rate_limit_headers, refusa
 from extproc.quota.store import QuotaStore, StoreUnavailable
 
 log = logging.getLogger("extproc.quota")
+_BATCH = 256  # settlements written concurrently per worker turn
 
 
 @dataclass(slots=True)
@@ -38,7 +40,10 @@ class QuotaService:
         self.store = store
         self.ttl_ms = policy.quotas.reservation_ttl_seconds * 1000
         self.prefix = policy.quotas.key_prefix
-        self._settling: set[asyncio.Task[None]] = set()
+        self._queue: deque[tuple[QuotaPlan, int, int]] = deque()
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def admit(self, identity: Identity, model: str, prompt_tokens: int, completion_tokens: int) -> Reservation:
         """Reserve prompt + completion cap, or raise the 429/503 the client should see."""
@@ -58,12 +63,22 @@ class QuotaService:
         return Reservation(plan, rate_limit_headers(plan, result))
 
     def settle(self, reservation: Reservation, prompt_tokens: int, completion_tokens: int) -> None:
-        """Settle in the background: the stream is over and must not wait for Redis."""
+        """Queue a settlement: one long-lived task writes them, in batches under load."""
         if not reservation.plan.rules:
             return
-        task = asyncio.get_running_loop().create_task(self._settle(reservation.plan, prompt_tokens, completion_tokens))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._queue.append((reservation.plan, prompt_tokens, completion_tokens))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain_queue())
+        else:
+            self._wakeup.set()
+
+    async def _drain_queue(self) -> None:
+        while True:
+            await self.drain()
+            if self._closing:
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
     async def _settle(self, plan: QuotaPlan, prompt_tokens: int, completion_tokens: int) -> None:
         try:
@@ -75,9 +90,19 @@ class QuotaService:
             log.exception("settlement failed for tenant %s", plan.tag)
 
     async def drain(self) -> None:
-        if self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+        """Write every queued settlement now (shutdown, tests)."""
+        while self._queue:
+            if len(self._queue) == 1:  # the common case at low load: no task per settlement
+                await self._settle(*self._queue.popleft())
+                continue
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), _BATCH))]
+            await asyncio.gather(*(self._settle(*item) for item in batch))
 
     async def close(self) -> None:
+        # Let the worker finish its batch (cancelling it mid-write would lose settlements).
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
         await self.drain()
         await self.store.close()
