@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     fake = sub.add_parser("fake-vllm", help="a protocol-faithful fake vLLM server", add_help=False)
     fake.set_defaults(func=None)
 
+    bench = sub.add_parser("bench", help="the side-by-side benchmark (see bench/README.md)", add_help=False)
+    bench.set_defaults(func=None)
+
     null = sub.add_parser("null-extproc", help="a do-nothing ext_proc (benchmark floor)")
     null.add_argument("--listen", required=True)
     null.set_defaults(func=_cmd_null)
@@ -183,5 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         from extproc.fake_vllm import main as fake_main
 
         return fake_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from extproc.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))

@@ -17,7 +17,8 @@ from extproc.quota.plan import QuotaPlan, plan_quota, rate_limit_headers, refusa
 from extproc.quota.store import QuotaStore, StoreUnavailable
 
 log = logging.getLogger("extproc.quota")
-_BATCH = 256  # settlements written concurrently per worker turn
+_BATCH = 256  # settlements written concurrently per flush turn
+_FLUSH_DELAY_S = 0.005
 
 
 @dataclass(slots=True)
@@ -41,9 +42,8 @@ class QuotaService:
         self.ttl_ms = policy.quotas.reservation_ttl_seconds * 1000
         self.prefix = policy.quotas.key_prefix
         self._queue: deque[tuple[QuotaPlan, int, int]] = deque()
-        self._wakeup = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
-        self._closing = False
+        self._worker: asyncio.Task[None] | None = None  # the flush in progress, if any
+        self._flush_scheduled = False
 
     async def admit(self, identity: Identity, model: str, prompt_tokens: int, completion_tokens: int) -> Reservation:
         """Reserve prompt + completion cap, or raise the 429/503 the client should see."""
@@ -63,22 +63,22 @@ class QuotaService:
         return Reservation(plan, rate_limit_headers(plan, result))
 
     def settle(self, reservation: Reservation, prompt_tokens: int, completion_tokens: int) -> None:
-        """Queue a settlement: one long-lived task writes them, in batches under load."""
+        """Queue a settlement; a flush a few milliseconds later writes everything queued by then.
+
+        Under load that is one task per flush instead of one per request, and the few
+        milliseconds of delay cannot matter to a counter read by the next admission.
+        """
         if not reservation.plan.rules:
             return
         self._queue.append((reservation.plan, prompt_tokens, completion_tokens))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._drain_queue())
-        else:
-            self._wakeup.set()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(_FLUSH_DELAY_S, self._start_flush)
 
-    async def _drain_queue(self) -> None:
-        while True:
-            await self.drain()
-            if self._closing:
-                return
-            self._wakeup.clear()
-            await self._wakeup.wait()
+    def _start_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self.drain())
 
     async def _settle(self, plan: QuotaPlan, prompt_tokens: int, completion_tokens: int) -> None:
         try:
@@ -99,9 +99,7 @@ class QuotaService:
             await asyncio.gather(*(self._settle(*item) for item in batch))
 
     async def close(self) -> None:
-        # Let the worker finish its batch (cancelling it mid-write would lose settlements).
-        self._closing = True
-        self._wakeup.set()
+        # Let a flush in progress finish (cancelling it mid-write would lose settlements).
         if self._worker is not None:
             await self._worker
         await self.drain()

@@ -1,0 +1,1545 @@
+"""`extproc bench`: the side-by-side benchmark (direct Envoy, null ext_proc, our gateway).
+
+Every configuration runs through a real Envoy and the same fake vLLM upstream, started
+by `extproc.stack.LocalStack` on free loopback ports:
+
+* A ``direct``  -- Envoy routes straight to the upstream (no ext_proc filter);
+* B ``null``    -- Envoy + a null ext_proc that answers CONTINUE to the same messages;
+* C ``gateway`` -- Envoy + `extproc serve` with the example policy (``--log-level warning``),
+  plus the same with info logging and with two worker processes.
+
+What is measured, and how, is described in bench/README.md. Run it with
+``extproc bench`` (or ``python -m extproc.bench``); ``--quick`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import itertools
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import random
+import resource
+import shlex
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from extproc.policy import PolicyError, example_policy_path, load_policy
+from extproc.stack import LocalStack, envoy_binary, free_port, running
+
+CHAT_PATH = "/v1/chat/completions"
+BENCH_MODEL = "llama-3.1-8b"  # routed to backend `small` by the example policy
+PROMPT = "Say hello to the benchmark in one short sentence."
+API_KEY = "sk-bench"  # added to one tenant of the bench policy; direct and null ignore it
+HEADERS = {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}
+UNREACHABLE = 10**12  # every quota limit of the bench policy: the work is done, nothing is refused
+ENVOY_CONCURRENCY = 2
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Targets from the issue; each is printed with PASS/FAIL.
+TARGET_THROUGHPUT_RATIO = 0.8  # gateway >= 0.8x null
+TARGET_ADDED_P50_MS = 1.0  # at 300 req/s, over null
+TARGET_ADDED_P99_MS = 5.0
+TARGET_SSE_ADDED_P99_MS = 2.0  # per chunk, over direct
+TARGET_MEMORY_GROWTH_MIB = 2.0  # "flat": peak RSS at most this much above the start
+TARGET_WORKER_SCALING = 1.6  # 2 workers >= 1.6x one worker
+
+# This machine is shared: a measured run during which other processes used more than this share
+# of it is thrown away and repeated, at most MAX_RETRIES times.
+FOREIGN_LIMIT = 0.05
+MAX_RETRIES = 2
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int = 3  # saturation runs per config, interleaved A B C ... A B C ...
+    warmup_s: float = 2.0  # before each config's first round; later rounds warm up for 1 s
+    duration_s: float = 8.0
+    connections: int = 32
+    wrk_threads: int = 2
+    max_tokens: int = 8
+    rate: float = 300.0
+    rate_warmup_s: float = 2.0
+    rate_duration_s: float = 10.0
+    sse_tokens: int = 200
+    sse_delay_ms: float = 5.0
+    sse_streams: int = 5
+    memory_chunks: int = 10_000
+    memory_delay_ms: float = 1.0
+    token_sizes: tuple[int, ...] = (1_000, 32_000, 128_000)
+    token_repeats: int = 5
+    envoy_concurrency: int = ENVOY_CONCURRENCY
+    idle_wait_s: float = 60.0
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            rounds=1,
+            warmup_s=1.0,
+            duration_s=3.0,
+            rate_warmup_s=1.0,
+            rate_duration_s=4.0,
+            sse_tokens=100,
+            sse_streams=2,
+            memory_chunks=2_000,
+            idle_wait_s=20.0,
+            token_repeats=3,
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    extproc: str  # LocalStack.extproc: gateway | null | none
+    workers: int = 1
+    log_level: str = "warning"
+    tenants: bool = True  # False: the bench policy minus tenants (no authentication, no quotas)
+    replicas: int = 1  # separate `extproc serve` processes on their own ports; Envoy round-robins
+    redis: bool = False  # quotas in a private redis-server (the production store) instead of memory
+
+    @property
+    def has_extproc(self) -> bool:
+        return self.extproc != "none"
+
+
+DIRECT = Config("A", "direct (no ext_proc)", "none")
+NULL = Config("B", "null ext_proc", "null")
+GATEWAY = Config("C", "gateway, 1 worker", "gateway")
+GATEWAY_INFO = Config("C-info", "gateway, 1 worker, info logs", "gateway", log_level="info")
+GATEWAY_2W = Config("C-2w", "gateway, 2 workers", "gateway", workers=2)
+GATEWAY_2R = Config("C-2r", "gateway, 2 replicas (own ports, Envoy round robin)", "gateway", replicas=2)
+GATEWAY_REDIS = Config("C-redis", "gateway, 1 worker, quotas in Redis", "gateway", redis=True)
+GATEWAY_NO_TENANTS = Config("C-noq", "gateway, no tenants (no auth, no quotas)", "gateway", tenants=False)
+
+
+# --- small helpers ----------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no data."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def chat_body(max_tokens: int, *, stream: bool = False, n: int = 1, content: str = PROMPT) -> bytes:
+    body: dict[str, Any] = {
+        "model": BENCH_MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+    }
+    if n != 1:
+        body["n"] = n
+    if stream:
+        body["stream"] = True
+        # Asked for by the client, so every configuration sees the same events (the gateway
+        # would otherwise inject it and hide the usage event, shifting the event count).
+        body["stream_options"] = {"include_usage": True}
+    return orjson.dumps(body)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2 (comm) may hold spaces: split after its closing parenthesis. rest[0] is field 3.
+    return data[data.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (workers forked by `extproc serve --workers N`)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+    """utime + stime per pid (all threads), in seconds."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        fields = _proc_stat(pid)
+        if fields is not None:
+            out[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def own_cpu_seconds() -> float:
+    """CPU of this process, every live descendant (all stacks), reaped children (wrk runs), and the
+    kernel's own threads (softirq work for our loopback traffic often runs in ksoftirqd)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    live = sum(cpu_seconds(process_tree(os.getpid())).values())
+    return live + children.ru_utime + children.ru_stime + _kernel_threads_cpu()
+
+
+def _kernel_threads_cpu() -> float:
+    """CPU of kernel threads (kthreadd, pid 2, and its children)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and (entry.name == "2" or fields[1] == "2"):
+                total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def other_load(seconds: float = 1.0) -> float:
+    """Share of the machine busy with work that is not ours, over `seconds`."""
+    own, (busy, total) = own_cpu_seconds(), machine_jiffies()
+    time.sleep(seconds)
+    own_after, (busy_after, total_after) = own_cpu_seconds(), machine_jiffies()
+    return _foreign_share(busy_after - busy, total_after - total, own_after - own)
+
+
+def wait_for_idle(limit_s: float) -> float:
+    """Wait up to `limit_s` for other work to leave the machine; the last share of it measured."""
+    deadline = time.monotonic() + limit_s
+    share = other_load()
+    while share > FOREIGN_LIMIT and time.monotonic() < deadline:
+        log(f"waiting for the machine to be idle: {100 * share:.0f}% busy with other work")
+        share = other_load(2.0)
+    return share
+
+
+def _foreign_share(busy_jiffies: int, total_jiffies: int, own_s: float) -> float:
+    if not total_jiffies:
+        return math.nan
+    return max(0.0, (busy_jiffies / CLK_TCK - own_s) / (total_jiffies / CLK_TCK))
+
+
+def rss_mib(pids: Sequence[int]) -> float:
+    total_kib = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+    return total_kib / 1024.0
+
+
+def _pid(stack: LocalStack, name: str) -> int:
+    process = stack.process(name).process
+    assert process is not None
+    return process.pid
+
+
+@contextlib.contextmanager
+def started(config: Config, settings: Settings, policy: Path, token_delay_ms: float = 0.0) -> Iterator[LocalStack]:
+    """A running stack on free ports; always stopped, and its log directory removed unless it failed."""
+    if not config.tenants:
+        policy = without_tenants(policy)
+    with contextlib.ExitStack() as resources:
+        redis_url = resources.enter_context(private_redis()) if config.redis else None
+        yield resources.enter_context(_started_stack(config, settings, policy, token_delay_ms, redis_url))
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server of our own on a free port, never the machine's shared one."""
+    port = free_port()
+    work = Path(tempfile.mkdtemp(prefix="extproc-bench-redis-"))
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(work),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _started_stack(
+    config: Config, settings: Settings, policy: Path, token_delay_ms: float, redis_url: str | None
+) -> Iterator[LocalStack]:
+    stack = LocalStack(
+        policy,
+        listen_port=free_port(),
+        extproc=config.extproc,
+        workers=config.workers,
+        replicas=config.replicas,
+        log_level=config.log_level,
+        envoy_concurrency=settings.envoy_concurrency,
+        token_delay_ms=token_delay_ms,
+        redis_url=redis_url,
+    )
+    with running(stack):
+        yield stack
+    if stack.work_dir is not None:
+        shutil.rmtree(stack.work_dir, ignore_errors=True)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- 1. saturation throughput with wrk ---------------------------------------------------
+
+_WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+wrk.body = [==[%s]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,"write":%%d,' ..
+    '"status":%%d,"timeout":%%d,"p50_us":%%d,"p99_us":%%d,"max_us":%%d}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    duration_s: float
+    errors: int  # socket errors + non-2xx/3xx
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+
+def run_wrk(url: str, body: bytes, settings: Settings, duration_s: float, work_dir: Path) -> WrkResult:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    script = work_dir / "bench.lua"
+    script.write_text(_WRK_SCRIPT % (API_KEY, body.decode()))
+    argv = [
+        wrk,
+        f"-t{settings.wrk_threads}",
+        f"-c{settings.connections}",
+        f"-d{duration_s:g}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(script),
+        url,
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30, check=False)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCHJSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    data = orjson.loads(line.removeprefix("BENCHJSON "))
+    errors = sum(int(data[k]) for k in ("connect", "read", "write", "status", "timeout"))
+    return WrkResult(
+        int(data["requests"]), data["duration_us"] / 1e6, errors, data["p50_us"] / 1000.0, data["p99_us"] / 1000.0
+    )
+
+
+@dataclass
+class Round:
+    """One measured wrk run and the CPU each party used during it."""
+
+    wrk: WrkResult
+    extproc_cpu_s: float | None
+    envoy_cpu_s: float
+    upstream_cpu_s: float
+    busy_jiffies: int
+    total_jiffies: int
+    foreign: float  # share of the machine used by processes this benchmark did not start
+    worker_cpu_s: dict[int, float]  # per forked worker pid
+
+
+@dataclass
+class Saturation:
+    """The accepted saturation rounds of one config; CPU figures are summed over them."""
+
+    config: Config
+    rounds: list[Round] = field(default_factory=list)
+    discarded: list[float] = field(default_factory=list)  # foreign load of rounds thrown away
+
+    @property
+    def requests(self) -> int:
+        return sum(r.wrk.requests for r in self.rounds)
+
+    @property
+    def rps(self) -> float:
+        return statistics.median(r.wrk.rps for r in self.rounds) if self.rounds else math.nan
+
+    @property
+    def median_round(self) -> WrkResult:
+        return sorted((r.wrk for r in self.rounds), key=lambda w: w.rps)[(len(self.rounds) - 1) // 2]
+
+    @property
+    def extproc_cpu_s(self) -> float | None:
+        used = [r.extproc_cpu_s for r in self.rounds if r.extproc_cpu_s is not None]
+        return sum(used) if used else None
+
+    @property
+    def envoy_cpu_s(self) -> float:
+        return sum(r.envoy_cpu_s for r in self.rounds)
+
+    @property
+    def upstream_cpu_s(self) -> float:
+        return sum(r.upstream_cpu_s for r in self.rounds)
+
+    @property
+    def worker_cpu_s(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for r in self.rounds:
+            for pid, used in r.worker_cpu_s.items():
+                out[pid] = out.get(pid, 0.0) + used
+        return out
+
+    @property
+    def extproc_cores(self) -> float | None:
+        """Average cores the ext_proc (all its processes and threads) kept busy while measured."""
+        seconds = sum(r.wrk.duration_s for r in self.rounds)
+        cpu = self.extproc_cpu_s
+        return cpu / seconds if cpu is not None and seconds else None
+
+    @property
+    def machine_busy(self) -> float:
+        total = sum(r.total_jiffies for r in self.rounds)
+        return sum(r.busy_jiffies for r in self.rounds) / total if total else math.nan
+
+    @property
+    def max_foreign(self) -> float:
+        return max((r.foreign for r in self.rounds), default=0.0)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.wrk.errors for r in self.rounds)
+
+    def per_request_us(self, seconds: float | None) -> float | None:
+        if seconds is None or not self.requests:
+            return None
+        return seconds / self.requests * 1e6
+
+
+def saturation_round(stack: LocalStack, config: Config, settings: Settings, warmup_s: float) -> Round:
+    """One wrk warm-up + measured run; CPU of the ext_proc tree, Envoy, the upstreams and others around it."""
+    assert stack.work_dir is not None
+    url = stack.origin + CHAT_PATH
+    body = chat_body(settings.max_tokens)
+    run_wrk(url, body, settings, warmup_s, stack.work_dir)
+    envoy_pid = _pid(stack, "envoy")
+    upstream_pids = [_pid(stack, p.name) for p in stack.processes if p.name.startswith("vllm-")]
+    # Every ext_proc process: replicas are separate roots, forked workers children of their root.
+    ext_roots = [_pid(stack, p.name) for p in stack.processes if p.name.startswith("extproc")]
+    ext_pids = [pid for root in ext_roots for pid in process_tree(root)]
+    ext_before, envoy_before = cpu_seconds(ext_pids), cpu_seconds([envoy_pid])
+    upstream_before, machine_before, own_before = cpu_seconds(upstream_pids), machine_jiffies(), own_cpu_seconds()
+    wrk = run_wrk(url, body, settings, settings.duration_s, stack.work_dir)
+    ext_after, envoy_after = cpu_seconds(ext_pids), cpu_seconds([envoy_pid])
+    upstream_after, machine_after, own_after = cpu_seconds(upstream_pids), machine_jiffies(), own_cpu_seconds()
+    busy, total = machine_after[0] - machine_before[0], machine_after[1] - machine_before[1]
+    extproc_cpu: float | None = None
+    workers: dict[int, float] = {}
+    if config.has_extproc:
+        deltas = {pid: ext_after[pid] - ext_before.get(pid, 0.0) for pid in ext_after}
+        extproc_cpu = sum(deltas.values())
+        if config.workers > 1:
+            workers = {pid: used for pid, used in deltas.items() if pid not in ext_roots}
+        elif len(ext_roots) > 1:
+            workers = {pid: used for pid, used in deltas.items() if pid in ext_roots}
+    return Round(
+        wrk=wrk,
+        extproc_cpu_s=extproc_cpu,
+        envoy_cpu_s=envoy_after[envoy_pid] - envoy_before[envoy_pid],
+        upstream_cpu_s=sum(upstream_after.values()) - sum(upstream_before.values()),
+        busy_jiffies=busy,
+        total_jiffies=total,
+        foreign=_foreign_share(busy, total, own_after - own_before),
+        worker_cpu_s=workers,
+    )
+
+
+# --- 2. fixed-rate open-loop latency --------------------------------------------------------
+
+
+@dataclass
+class RateResult:
+    config: Config
+    sent: int
+    ok: int
+    achieved_rps: float
+    latencies_ms: list[float]  # from the scheduled send time, successful requests
+    lag_p99_ms: float  # how late the generator itself fired (included in the latencies)
+    foreign: float = 0.0  # share of the machine used by processes this benchmark did not start
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies_ms, 99)
+
+
+async def _open_loop(url: str, body: bytes, rate: float, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    import aiohttp
+
+    interval = 1.0 / rate
+    n_warm = int(warmup_s * rate)
+    n_total = n_warm + int(duration_s * rate)
+    latencies: list[float | None] = [None] * n_total
+    lags: list[float] = [0.0] * n_total
+    headers = HEADERS
+    connector = aiohttp.TCPConnector(limit=1024)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+
+        async def fire(i: int, scheduled: float) -> None:
+            lags[i] = time.perf_counter() - scheduled
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status == 200:
+                        latencies[i] = time.perf_counter() - scheduled
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+
+        tasks: list[asyncio.Task[None]] = []
+        start = time.perf_counter() + 0.05
+        measured_start = start + n_warm * interval
+        for i in range(n_total):
+            scheduled = start + i * interval
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(fire(i, scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - measured_start
+    measured = latencies[n_warm:]
+    ok = [x * 1000.0 for x in measured if x is not None]
+    return {
+        "sent": len(measured),
+        "ok": len(ok),
+        "achieved_rps": len(measured) / elapsed if elapsed > 0 else 0.0,
+        "latencies_ms": ok,
+        "lag_p99_ms": percentile([x * 1000.0 for x in lags[n_warm:]], 99),
+    }
+
+
+def _loadgen_entry(
+    conn: multiprocessing.connection.Connection, url: str, body: bytes, rate: float, warmup_s: float, duration_s: float
+) -> None:
+    """Runs in its own process so the generator does not share a GIL with anything else."""
+    try:
+        import uvloop
+
+        result = uvloop.run(_open_loop(url, body, rate, warmup_s, duration_s))
+    except ImportError:
+        result = asyncio.run(_open_loop(url, body, rate, warmup_s, duration_s))
+    conn.send(result)
+    conn.close()
+
+
+def measure_fixed_rate(stack: LocalStack, config: Config, settings: Settings) -> RateResult:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    args = (
+        child,
+        stack.origin + CHAT_PATH,
+        chat_body(settings.max_tokens),
+        settings.rate,
+        settings.rate_warmup_s,
+        settings.rate_duration_s,
+    )
+    process = ctx.Process(target=_loadgen_entry, args=args, daemon=True)
+    own_before, (busy_before, total_before) = own_cpu_seconds(), machine_jiffies()
+    process.start()
+    child.close()
+    try:
+        if not parent.poll(settings.rate_warmup_s + settings.rate_duration_s + 60):
+            raise RuntimeError("the fixed-rate load generator did not report")
+        data = parent.recv()
+    finally:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+    own_after, (busy_after, total_after) = own_cpu_seconds(), machine_jiffies()
+    foreign = _foreign_share(busy_after - busy_before, total_after - total_before, own_after - own_before)
+    return RateResult(
+        config, data["sent"], data["ok"], data["achieved_rps"], data["latencies_ms"], data["lag_p99_ms"], foreign
+    )
+
+
+# --- 4. SSE per-chunk latency -------------------------------------------------------------
+
+_PACKET_OUTGOING = 4
+_SO_TIMESTAMPNS = 35  # Linux: kernel receive timestamps as struct timespec
+
+
+class LoopbackCapture:
+    """Kernel-timestamped TCP payloads on `lo` from the given source ports (needs CAP_NET_RAW).
+
+    The upstream's writes (fake -> Envoy) and Envoy's writes (Envoy -> client) are both seen
+    here, so each SSE event's time inside Envoy (+ ext_proc) is measured exactly, without
+    the client's or the upstream's own scheduling jitter.
+    """
+
+    def __init__(self, ports: Sequence[int]) -> None:
+        self.ports = frozenset(ports)
+        # (sport, dport) -> [(seq, ts_ns, payload)]
+        self.segments: dict[tuple[int, int], list[tuple[int, int, bytes]]] = {}
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        self._sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        self._sock.bind(("lo", 0))
+        self._sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lo-capture", daemon=True)
+
+    def __enter__(self) -> LoopbackCapture:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.05)  # let the last segments arrive
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+    def _run(self) -> None:
+        cmsg_space = socket.CMSG_SPACE(16)
+        while not self._stop.is_set():
+            try:
+                frame, ancdata, _flags, address = self._sock.recvmsg(1 << 17, cmsg_space)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            # Loopback shows every packet twice (sent and received): keep the sent copy.
+            if address[2] != _PACKET_OUTGOING or len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+                continue
+            ip_len = (frame[14] & 0x0F) * 4
+            tcp = 14 + ip_len
+            sport, dport, seq = struct.unpack_from("!HHI", frame, tcp)
+            if sport not in self.ports:
+                continue
+            payload = frame[tcp + (frame[tcp + 12] >> 4) * 4 :]
+            if not payload:
+                continue
+            ts = next(
+                (int(s) * 1_000_000_000 + int(ns) for _l, _t, d in ancdata for s, ns in [struct.unpack("qq", d[:16])]),
+                time.time_ns(),
+            )
+            self.segments.setdefault((sport, dport), []).append((seq, ts, payload))
+
+    def event_times(self, sport: int) -> list[int]:
+        """Kernel timestamps (ns) at which each SSE event of the busiest connection from `sport` was sent."""
+        flows = [segs for (sp, _dp), segs in self.segments.items() if sp == sport]
+        if not flows:
+            return []
+        return sse_event_times(max(flows, key=lambda segs: sum(len(p) for _s, _t, p in segs)))
+
+
+def sse_event_times(segments: list[tuple[int, int, bytes]]) -> list[int]:
+    """Reassemble one HTTP/1.1 response from TCP segments; time each SSE event's last byte."""
+    by_seq: dict[int, tuple[int, bytes]] = {}
+    base = segments[0][0]
+    for seq, ts, payload in segments:
+        rel = (seq - base) % (1 << 32)
+        if rel not in by_seq or ts < by_seq[rel][0]:
+            by_seq[rel] = (ts, payload)
+    ends: list[int] = []
+    stamps: list[int] = []
+    parts: list[bytes] = []
+    size = 0
+    for _rel, (ts, payload) in sorted(by_seq.items()):
+        parts.append(payload)
+        size += len(payload)
+        ends.append(size)
+        stamps.append(ts)
+    raw = b"".join(parts)
+    head_end = raw.find(b"\r\n\r\n")
+    if head_end < 0:
+        return []
+    head = raw[:head_end].lower()
+    pos = head_end + 4
+    pieces: list[tuple[int, int]] = []  # (raw start, raw end) of body bytes
+    if b"transfer-encoding: chunked" in head:
+        while True:
+            line_end = raw.find(b"\r\n", pos)
+            if line_end < 0:
+                break
+            chunk_size = int(raw[pos:line_end].split(b";")[0] or b"0", 16)
+            if chunk_size == 0:
+                break
+            start = line_end + 2
+            pieces.append((start, min(start + chunk_size, len(raw))))
+            pos = start + chunk_size + 2
+    else:
+        pieces.append((pos, len(raw)))
+    body = b"".join(raw[s:e] for s, e in pieces)
+    body_starts = list(itertools.accumulate(e - s for s, e in pieces))
+    times: list[int] = []
+    idx = body.find(b"\n\n")
+    while idx >= 0:
+        last = idx + 1  # body offset of the event's final byte
+        piece = bisect.bisect_right(body_starts, last)
+        prior = body_starts[piece - 1] if piece else 0
+        raw_offset = pieces[piece][0] + (last - prior)
+        times.append(stamps[bisect.bisect_right(ends, raw_offset)])
+        idx = body.find(b"\n\n", idx + 2)
+    return times
+
+
+@dataclass
+class SseResult:
+    config: Config
+    streams: int = 0
+    events: int = 0
+    ttfb_ms: list[float] = field(default_factory=list)
+    transit_ms: list[float] = field(default_factory=list)  # Envoy out - upstream out, per event (capture)
+    offset_error_ms: list[float] = field(default_factory=list)  # client offset - upstream offset, per event
+    gaps_ms: list[float] = field(default_factory=list)  # client inter-arrival gaps (fallback)
+    captured: bool = False
+
+
+async def _read_stream(url: str, body: bytes) -> tuple[float, list[float]]:
+    """(time to first event, arrival perf_counter of each SSE event) for one streamed request."""
+    import aiohttp
+
+    arrivals: list[float] = []
+    buf = b""
+    async with aiohttp.ClientSession() as session:
+        start = time.perf_counter()
+        async with session.post(url, data=body, headers=HEADERS) as response:
+            if response.status != 200:
+                raise RuntimeError(f"stream answered {response.status}: {await response.text()}")
+            async for data in response.content.iter_any():
+                now = time.perf_counter()
+                buf += data
+                count = buf.count(b"\n\n")
+                if count:
+                    arrivals.extend([now] * count)
+                    buf = buf[buf.rindex(b"\n\n") + 2 :]
+    return (arrivals[0] - start) * 1000.0 if arrivals else math.nan, arrivals
+
+
+def sse_stream(stack: LocalStack, result: SseResult, settings: Settings, capture: bool) -> None:
+    """One stream through `stack`, added to `result`."""
+    url = stack.origin + CHAT_PATH
+    body = chat_body(settings.sse_tokens, stream=True)
+    upstream_port = stack.upstream_port(stack.policy.subset(stack.policy.models[0].backend))
+    cap: LoopbackCapture | None = LoopbackCapture([upstream_port, stack.listen_port]) if capture else None
+    with cap if cap is not None else contextlib.nullcontext():
+        ttfb, arrivals = asyncio.run(_read_stream(url, body))
+    result.streams += 1
+    result.ttfb_ms.append(ttfb)
+    result.events += len(arrivals)
+    result.gaps_ms.extend((b - a) * 1000.0 for a, b in itertools.pairwise(arrivals[1:]))
+    if cap is None:
+        return
+    result.captured = True
+    upstream, envoy_out = cap.event_times(upstream_port), cap.event_times(stack.listen_port)
+    n = min(len(upstream), len(envoy_out), len(arrivals))
+    if n < len(arrivals) - 1:
+        log(f"{result.config.key}: capture matched only {n} of {len(arrivals)} events")
+    # Event 0 (the role delta) also carries the response headers; per-chunk figures start at 1.
+    for i in range(1, n):
+        result.transit_ms.append((envoy_out[i] - upstream[i]) / 1e6)
+        result.offset_error_ms.append((arrivals[i] - arrivals[0]) * 1000.0 - (upstream[i] - upstream[0]) / 1e6)
+
+
+def capture_available() -> bool:
+    try:
+        socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)).close()
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+# --- 5. memory over a long stream ---------------------------------------------------------
+
+
+@dataclass
+class MemoryResult:
+    events: int
+    seconds: float
+    start_mib: float
+    peak_mib: float
+    end_mib: float
+    samples: list[float]
+
+
+def measure_memory(stack: LocalStack, settings: Settings) -> MemoryResult:
+    url = stack.origin + CHAT_PATH
+    pids = process_tree(_pid(stack, "extproc"))
+    asyncio.run(_read_stream(url, chat_body(200, stream=True)))  # first-use allocations happen here
+    # The fake refuses prompt + max_tokens > 8192 per sequence, so two choices of N/2 tokens
+    # make an N-chunk stream.
+    body = chat_body(settings.memory_chunks // 2, stream=True, n=2)
+    samples = [rss_mib(pids)]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            samples.append(rss_mib(pids))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        _ttfb, arrivals = asyncio.run(_read_stream(url, body))
+    finally:
+        stop.set()
+        sampler.join()
+    seconds = time.perf_counter() - started
+    time.sleep(0.5)
+    samples.append(rss_mib(pids))
+    return MemoryResult(len(arrivals), seconds, samples[0], max(samples), samples[-1], samples)
+
+
+# --- 6. tokenization and decision time ----------------------------------------------------
+
+_TEXT = (
+    "the model answers questions about weather history science music travel and code while "
+    "keeping replies short polite accurate helpful; users ask for summaries translations lists "
+    "examples explanations numbers 2024 3.14 42 dates names places recipes poems jokes, and the "
+    "gateway counts every token before routing requests to backends running vLLM on GPUs"
+)
+_WORDS = tuple(_TEXT.split(" "))
+
+
+def text_of_tokens(target: int, count: Callable[[str], int], seed: int = 7) -> tuple[str, int]:
+    """Deterministic English-like text that tokenizes to about `target` tokens."""
+    rng = random.Random(seed)
+    words = [rng.choice(_WORDS) for _ in range(max(64, target))]
+    sample = " ".join(words[:2000])
+    per_word = count(sample) / min(2000, len(words))
+    n_words = max(1, int(target / per_word))
+    while n_words > len(words):
+        words.extend(rng.choice(_WORDS) for _ in range(target))
+    text = " ".join(words[:n_words])
+    tokens = count(text)
+    # One correction step is enough: the ratio is stable for this vocabulary.
+    n_words = max(1, min(len(words), int(n_words * target / tokens)))
+    text = " ".join(words[:n_words])
+    return text, count(text)
+
+
+@dataclass
+class TokenRow:
+    target: int
+    tokens: int
+    body_kib: float
+    count_ms: float
+    decision_ms: float
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def _raise_limits(limits: Any) -> None:
+    if isinstance(limits, dict):
+        for name, value in limits.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                limits[name] = UNREACHABLE
+
+
+def bench_policy(work_dir: Path, base: Path | None = None) -> Path:
+    """The example policy, made benchmarkable without changing what a request costs to decide.
+
+    * the first tenant allowed the benchmark model also accepts `API_KEY`, and every quota limit
+      of every tenant is raised out of reach:
+      authentication, quota reservation and settlement all still run, nothing is refused (the
+      example's 600 requests/minute would otherwise turn the saturation run into a 429 benchmark);
+    * the benchmark model's caps are raised so the 128k-token prompt and the 10k-chunk stream
+      are admitted (irrelevant to the small requests of the other runs).
+    """
+    raw = yaml.safe_load((base or example_policy_path()).read_text())
+    gateway = raw.setdefault("gateway", {})
+    gateway.update(max_prompt_tokens=200_000, max_completion_tokens=20_000)
+    if not any(model["name"] == BENCH_MODEL for model in raw["models"]):
+        raise RuntimeError(f"the policy has no model {BENCH_MODEL!r}: the benchmark requests that model")
+    for model in raw["models"]:
+        if model["name"] == BENCH_MODEL:
+            model.update(max_model_len=200_000, max_prompt_tokens=200_000, max_completion_tokens=20_000)
+    tenants = raw.get("tenants") or {}
+    allowed = [t for t in tenants.values() if {"*", BENCH_MODEL} & set(t.get("allowed_models", ["*"]))]
+    if tenants and not allowed:
+        raise RuntimeError(f"no tenant of the policy may use {BENCH_MODEL!r}")
+    if allowed:
+        allowed[0].setdefault("keys", []).append(
+            {"name": "bench-key", "sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}
+        )
+    for tenant in tenants.values():
+        _raise_limits(tenant.get("limits"))
+        _raise_limits(tenant.get("per_key_limits"))
+        for limits in (tenant.get("model_limits") or {}).values():
+            _raise_limits(limits)
+    path = work_dir / "bench-policy.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_policy(path)  # fail here, not in a child process
+    return path
+
+
+def without_tenants(policy: Path) -> Path:
+    path = policy.with_name(policy.stem + "-no-tenants.yaml")
+    if not path.exists():
+        raw = yaml.safe_load(policy.read_text())
+        for key in ("tenants", "auth", "quotas"):
+            raw.pop(key, None)
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def measure_tokenization(settings: Settings, policy_path: Path) -> list[TokenRow]:
+    from extproc.core import Gateway
+    from extproc.endpoints import TRANSLATORS
+    from extproc.policy import TokenizerSpec
+    from extproc.tokenizer import counter_for
+
+    counter = counter_for(TokenizerSpec())
+    gateway = Gateway(load_policy(policy_path))
+    translator = TRANSLATORS[CHAT_PATH]
+    rows = []
+    for target in settings.token_sizes:
+        text, tokens = text_of_tokens(target, counter.count)
+        raw = chat_body(16, content=text)
+        count_ms = _median_ms(functools.partial(counter.count, text), settings.token_repeats)
+        decision_ms = _median_ms(functools.partial(gateway.on_request_body, translator, raw), settings.token_repeats)
+        rows.append(TokenRow(target, tokens, len(raw) / 1024.0, count_ms, decision_ms))
+    return rows
+
+
+# --- 7. optional profile ---------------------------------------------------------------------
+
+
+def profile_gateway(stack: LocalStack, settings: Settings, out_dir: Path) -> list[tuple[str, float, float]]:
+    """py-spy the gateway under wrk load: (function, self %, inclusive %) of the top functions."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise RuntimeError("py-spy is not installed (pip install py-spy)")
+    assert stack.work_dir is not None
+    raw_out = out_dir / "gateway-profile.txt"
+    seconds = max(3, int(settings.duration_s))
+    spy = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(_pid(stack, "extproc")),
+            "--duration",
+            str(seconds),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--output",
+            str(raw_out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.5)
+    run_wrk(stack.origin + CHAT_PATH, chat_body(settings.max_tokens), settings, seconds + 1, stack.work_dir)
+    spy.wait(30)
+    return summarize_profile(raw_out.read_text())
+
+
+_ROOT_FRAMES = ("extproc/__main__.py", "extproc/cli.py", "extproc/server.py", "<frozen runpy>", "asyncio/runners.py")
+
+
+def summarize_profile(raw: str, top: int = 14) -> list[tuple[str, float, float]]:
+    """(what, self %, inclusive %) from py-spy's raw (collapsed) output.
+
+    Native code is invisible to py-spy without --native (which must pause the process and
+    distorts the load), so samples whose innermost Python frame is the event loop's
+    `Runner.run` or a bare thread are reported as native buckets.
+    """
+    self_counts: dict[str, int] = {}
+    incl_counts: dict[str, int] = {}
+    buckets = {"handler": 0, "loop": 0, "thread": 0}
+    total = 0
+    for line in raw.splitlines():
+        stack_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_frame_name(f) for f in stack_text.split(";")]
+        total += count
+        leaf = frames[-1]
+        if any(f.startswith("ExternalProcessor.Process ") for f in frames):
+            buckets["handler"] += count
+        elif leaf.startswith("Runner.run "):
+            buckets["loop"] += count
+        elif leaf.startswith("Thread.run "):
+            buckets["thread"] += count
+        if leaf.startswith(("Runner.run ", "Thread.run ")):
+            continue
+        self_counts[leaf] = self_counts.get(leaf, 0) + count
+        for name in set(frames):
+            if not any(root in name for root in _ROOT_FRAMES):
+                incl_counts[name] = incl_counts.get(name, 0) + count
+    if not total:
+        return []
+    pct = 100.0 / total
+    rows = [
+        (
+            "[native] event loop, grpc.aio Cython, syscalls (main thread, outside any handler)",
+            buckets["loop"] * pct,
+            buckets["loop"] * pct,
+        ),
+        ("[native] gRPC core threads", buckets["thread"] * pct, buckets["thread"] * pct),
+        ("[python] inside ExternalProcessor.Process (the per-request handler)", math.nan, buckets["handler"] * pct),
+    ]
+    ranked = sorted(incl_counts, key=lambda name: -incl_counts[name])
+    rows += [(name, self_counts.get(name, 0) * pct, incl_counts[name] * pct) for name in ranked[:top]]
+    return rows
+
+
+def _frame_name(frame: str) -> str:
+    # py-spy raw frames look like "function (path/to/file.py:123)": drop the line number.
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    short = "/".join(where.split("/")[-2:])
+    return f"{name} ({short})" if short else name
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    settings: Settings
+    saturation: dict[str, Saturation] = field(default_factory=dict)
+    rate: dict[str, RateResult] = field(default_factory=dict)
+    rate_discarded: list[str] = field(default_factory=list)
+    sse: dict[str, SseResult] = field(default_factory=dict)
+    memory: MemoryResult | None = None
+    tokens: list[TokenRow] = field(default_factory=list)
+    profile: list[tuple[str, float, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    policy_source: str = "the example policy"
+    policy_note: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def run(settings: Settings, *, profile: bool, work_dir: Path, base_policy: Path | None = None) -> Report:
+    report = Report(settings)
+    policy = bench_policy(work_dir, base_policy)
+    report.policy_source = f"`{base_policy}`" if base_policy else "the example policy"
+    caps = f"`{BENCH_MODEL}` caps raised for the 128k-token and 10k-chunk tests."
+    if load_policy(policy).tenants:
+        report.policy_note = (
+            "an API key added to the first tenant allowed the model and every quota limit raised out of reach "
+            f"(authentication, quota reservation and settlement still run; nothing is refused); {caps}"
+        )
+    else:
+        report.policy_note = f"it has no tenants, so no authentication and no quotas run; {caps}"
+    t_start = time.perf_counter()
+    idle_check = wait_for_idle(settings.idle_wait_s)
+    if idle_check > FOREIGN_LIMIT:
+        report.notes.append(
+            f"The machine was not idle: {100 * idle_check:.0f}% of it was busy with other work when the run "
+            "started. Figures may be affected; rerun on an idle machine."
+        )
+    configs: tuple[Config, ...] = (DIRECT, NULL, GATEWAY, GATEWAY_INFO, GATEWAY_2W, GATEWAY_2R)
+    if load_policy(policy).tenants:
+        configs += (GATEWAY_REDIS, GATEWAY_NO_TENANTS)
+
+    # Every stack stays up while the others are measured, so rounds can alternate between
+    # configurations: slow drifts of this shared machine then hit all of them alike.
+    with contextlib.ExitStack() as stacks:
+        log("starting " + ", ".join(c.key for c in configs))
+        up = {c.key: stacks.enter_context(started(c, settings, policy)) for c in configs}
+        for config in configs:
+            report.saturation[config.key] = Saturation(config)
+        for round_index in range(settings.rounds):
+            for config in configs:
+                sat = report.saturation[config.key]
+                warmup = settings.warmup_s if round_index == 0 else min(1.0, settings.warmup_s)
+                for attempt in range(1 + MAX_RETRIES):
+                    retry = f", retry {attempt}" if attempt else ""
+                    log(f"{config.key}: saturation round {round_index + 1}/{settings.rounds} ({config.label}){retry}")
+                    result = saturation_round(up[config.key], config, settings, warmup)
+                    if result.foreign <= FOREIGN_LIMIT or attempt == MAX_RETRIES:
+                        sat.rounds.append(result)
+                        break
+                    log(f"{config.key}: {100 * result.foreign:.0f}% of the machine went to other work: retrying")
+                    sat.discarded.append(result.foreign)
+        for config in (DIRECT, NULL, GATEWAY):
+            for attempt in range(1 + MAX_RETRIES):
+                log(f"{config.key}: fixed {settings.rate:g} req/s" + (f", retry {attempt}" if attempt else ""))
+                rated = measure_fixed_rate(up[config.key], config, settings)
+                if rated.foreign <= FOREIGN_LIMIT or attempt == MAX_RETRIES:
+                    break
+                report.rate_discarded.append(f"{config.key} ({100 * rated.foreign:.0f}%)")
+            report.rate[config.key] = rated
+        if profile:
+            log("C: profiling with py-spy")
+            try:
+                report.profile = profile_gateway(up[GATEWAY.key], settings, work_dir)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                report.notes.append(f"profile skipped: {exc}")
+
+    capture = capture_available()
+    if not capture:
+        report.notes.append("SSE: no CAP_NET_RAW, so no packet timestamps; only client gaps are reported.")
+    with contextlib.ExitStack() as stacks:
+        sse_configs = (DIRECT, NULL, GATEWAY)
+        up = {c.key: stacks.enter_context(started(c, settings, policy, settings.sse_delay_ms)) for c in sse_configs}
+        for config in sse_configs:
+            asyncio.run(_read_stream(up[config.key].origin + CHAT_PATH, chat_body(10, stream=True)))  # warm
+            report.sse[config.key] = SseResult(config)
+        log(f"SSE per-chunk timing: {settings.sse_streams} streams per config, interleaved")
+        own_before, (busy_before, total_before) = own_cpu_seconds(), machine_jiffies()
+        for _ in range(settings.sse_streams):
+            for config in sse_configs:
+                sse_stream(up[config.key], report.sse[config.key], settings, capture)
+        own_after, (busy_after, total_after) = own_cpu_seconds(), machine_jiffies()
+        sse_foreign = _foreign_share(busy_after - busy_before, total_after - total_before, own_after - own_before)
+        if sse_foreign > FOREIGN_LIMIT:
+            report.notes.append(
+                f"SSE: other processes used {100 * sse_foreign:.0f}% of the machine during the streams; "
+                "tail figures are unreliable."
+            )
+
+    log(f"C: memory over a {settings.memory_chunks}-chunk stream")
+    with started(GATEWAY, settings, policy, settings.memory_delay_ms) as stack:
+        report.memory = measure_memory(stack, settings)
+
+    discarded = sum(len(sat.discarded) for sat in report.saturation.values())
+    if discarded or report.rate_discarded:
+        rate_part = f" and the fixed-rate run(s) of {', '.join(report.rate_discarded)}" if report.rate_discarded else ""
+        report.notes.append(
+            f"Other processes used more than {100 * FOREIGN_LIMIT:.0f}% of the machine during {discarded} "
+            f"saturation round(s){rate_part}: those were thrown away and repeated."
+        )
+    kept = [
+        f"{key} ({100 * sat.max_foreign:.0f}%)"
+        for key, sat in report.saturation.items()
+        if sat.max_foreign > FOREIGN_LIMIT
+    ]
+    kept += [
+        f"{key} fixed rate ({100 * r.foreign:.0f}%)" for key, r in report.rate.items() if r.foreign > FOREIGN_LIMIT
+    ]
+    if kept:
+        report.notes.append("Still disturbed after retries: " + ", ".join(kept) + ". Rerun on an idle machine.")
+    two = report.saturation.get("C-2w")
+    if two is not None and two.worker_cpu_s:
+        shares = list(two.worker_cpu_s.values())
+        if max(shares) > 0.75 * sum(shares):
+            report.notes.append(
+                "C-2w: one worker did most of the work. Envoy holds one HTTP/2 connection to the ext_proc per "
+                "Envoy worker thread, and SO_REUSEPORT hashes connections (not streams) to processes, so with "
+                f"--concurrency {settings.envoy_concurrency} both connections can land on the same worker; "
+                "C-2r (two replicas on their own ports, which Envoy balances per request) shows the balanced case."
+            )
+    log("tokenization and decision time")
+    report.tokens = measure_tokenization(settings, policy)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def machine_description() -> list[str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    envoy_version = "unknown"
+    with contextlib.suppress(OSError, RuntimeError, subprocess.SubprocessError):
+        out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=10).stdout
+        envoy_version = out.strip().split("version: ")[-1].split("/", 1)[-1] or envoy_version
+    wrk_version = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10)
+        wrk_version = (done.stdout + done.stderr).split("[", 1)[0].strip()
+    return [
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- CPU: {os.cpu_count()} x {model} (`nproc` = {len(os.sched_getaffinity(0))}); "
+        f"memory {_mem_total_gib():.0f} GiB; {platform.system()} {platform.release()}",
+        f"- Python {platform.python_version()}; Envoy {envoy_version}; {wrk_version}",
+    ]
+
+
+def source_revision() -> str:
+    """The git commit measured, and whether the work tree differed from it (read-only git calls)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return f"git {head}" + (" with uncommitted changes" if dirty else "")
+
+
+def _mem_total_gib() -> float:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / (1 << 20)
+    return math.nan
+
+
+def render(report: Report, command: str) -> str:
+    s = report.settings
+    sat, rate, sse = report.saturation, report.rate, report.sse
+    lines: list[str] = ["# extproc benchmark", ""]
+    lines += machine_description()
+    lines += [
+        f"- reproduce: `{command}` (took {report.seconds:.0f} s)",
+        f"- code: {source_revision()}",
+        f"- every configuration: real Envoy (`--concurrency {s.envoy_concurrency}`), the same fake vLLM upstream, "
+        "loopback only, nothing pinned; the cores are shared by Envoy, the ext_proc, the upstream and the "
+        f"load generator. Policy: {report.policy_source}; {report.policy_note}",
+        "",
+        "## 1 + 3 + 7. Throughput at saturation, CPU per request",
+        "",
+        f"wrk `-t{s.wrk_threads} -c{s.connections}`, {s.duration_s:g} s measured after a warm-up "
+        f"({s.warmup_s:g} s the first time), {s.rounds} round(s) per config, rounds interleaved across configs "
+        f"(all stacks up at once); `POST {CHAT_PATH}`, JSON, non-streamed, `max_tokens={s.max_tokens}`, "
+        f"{len(chat_body(s.max_tokens))}-byte body, API key header. req/s is the median round (range in "
+        "brackets); wrk latency is closed-loop, from that round; CPU is summed over all rounds and divided "
+        "by all requests; machine busy is the share of all cores in use during measured runs, other load the "
+        "largest share of it any round spent on processes this benchmark did not start.",
+        "",
+        "| config | ext_proc | req/s [range] | wrk p50 ms | wrk p99 ms | errors | ext_proc CPU µs/req "
+        "| ext_proc cores | Envoy CPU µs/req | upstream CPU µs/req | machine busy | other load (max) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, result in sat.items():
+        workers = ""
+        if result.worker_cpu_s:
+            used = sorted(result.worker_cpu_s.values(), reverse=True)
+            workers = " (split " + ", ".join(f"{100 * c / max(sum(used), 1e-9):.0f}%" for c in used) + ")"
+        rates = [r.wrk.rps for r in result.rounds]
+        spread = f" [{min(rates):,.0f}-{max(rates):,.0f}]" if len(rates) > 1 else ""
+        median = result.median_round
+        lines.append(
+            f"| {key} | {result.config.label} | {_f(result.rps, 0)}{spread} | {_f(median.p50_ms)} | "
+            f"{_f(median.p99_ms)} | {result.errors} | "
+            f"{_f(result.per_request_us(result.extproc_cpu_s), 0)}{workers} | {_f(result.extproc_cores)} | "
+            f"{_f(result.per_request_us(result.envoy_cpu_s), 0)} | "
+            f"{_f(result.per_request_us(result.upstream_cpu_s), 0)} | {100 * result.machine_busy:.0f}% | "
+            f"{100 * result.max_foreign:.0f}%{f' ({len(result.discarded)} discarded)' if result.discarded else ''} |"
+        )
+    lines.append("")
+    rps = {k: v.rps for k, v in sat.items()}
+    ratios = [
+        ("B/A (null vs direct)", _ratio(rps.get("B", 0), rps.get("A", 0))),
+        ("C/A (gateway vs direct)", _ratio(rps.get("C", 0), rps.get("A", 0))),
+        ("C/B (gateway vs null)", _ratio(rps.get("C", 0), rps.get("B", 0))),
+        ("C-info/C (info vs warning logs)", _ratio(rps.get("C-info", 0), rps.get("C", 0))),
+        ("C-2w/C (2 workers vs 1)", _ratio(rps.get("C-2w", 0), rps.get("C", 0))),
+        ("C-2r/C (2 replicas vs 1)", _ratio(rps.get("C-2r", 0), rps.get("C", 0))),
+    ]
+    if "C-noq" in rps:
+        ratios.append(("C/C-noq (with vs without auth + quotas)", _ratio(rps.get("C", 0), rps["C-noq"])))
+        ratios.append(("C-noq/B (gateway without tenants vs null)", _ratio(rps["C-noq"], rps.get("B", 0))))
+    if "C-redis" in rps:
+        ratios.append(("C-redis/B (gateway, quotas in Redis, vs null)", _ratio(rps["C-redis"], rps.get("B", 0))))
+    lines.append("Ratios: " + "; ".join(f"{name} **{_f(value)}x**" for name, value in ratios))
+    lines.append("")
+
+    lines += [
+        f"## 2. Added latency at a fixed {s.rate:g} req/s",
+        "",
+        f"Open-loop Python generator (aiohttp + uvloop, its own process): request i is scheduled at "
+        f"t0 + i/{s.rate:g} s whether or not earlier ones finished, and its latency is counted from that "
+        f"scheduled time (no coordinated omission). {s.rate_warmup_s:g} s warm-up, {s.rate_duration_s:g} s measured.",
+        "",
+        "| config | sent | ok | achieved req/s | p50 ms | p99 ms | generator lag p99 ms | other load |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, r in rate.items():
+        lines.append(
+            f"| {key} {r.config.label} | {r.sent} | {r.ok} | {_f(r.achieved_rps, 1)} | {_f(r.p50, 3)} | "
+            f"{_f(r.p99, 3)} | {_f(r.lag_p99_ms, 3)} | {100 * r.foreign:.0f}% |"
+        )
+    if {"A", "B", "C"} <= rate.keys():
+        a, b, c = rate["A"], rate["B"], rate["C"]
+        lines += [
+            "",
+            f"Differences: B-A p50 **{_f(b.p50 - a.p50, 3)} ms**, p99 **{_f(b.p99 - a.p99, 3)} ms**; "
+            f"C-B p50 **{_f(c.p50 - b.p50, 3)} ms**, p99 **{_f(c.p99 - b.p99, 3)} ms**; "
+            f"C-A p50 {_f(c.p50 - a.p50, 3)} ms, p99 {_f(c.p99 - a.p99, 3)} ms.",
+        ]
+    lines.append("")
+
+    lines += [
+        "## 4. SSE per-chunk latency",
+        "",
+        f"Streams of `max_tokens={s.sse_tokens}` (plus role, usage and `[DONE]` events), fake upstream "
+        f"`--token-delay-ms {s.sse_delay_ms:g}`, {s.sse_streams} streams per config, one at a time, "
+        "interleaved A B C A B C. "
+        "*Transit* is the time each SSE event spends inside Envoy (+ ext_proc): kernel timestamps of the "
+        "upstream's write and of Envoy's write to the client, from a packet capture on `lo`. "
+        "*Offset error* is the client-side measure: (arrival of event i - arrival of event 0 at the aiohttp "
+        "client) - (upstream send of event i - upstream send of event 0). Event 0 is excluded (it carries "
+        "the headers). *Added* is the config's percentile minus A's.",
+        "",
+        "| config | events | TTFB p50 ms | transit p50 ms | transit p99 ms | added p50 ms | added p99 ms | "
+        "offset err p50 ms | offset err p99 ms | client gap p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    base = sse.get("A")
+    for key, ev in sse.items():
+        t50, t99 = percentile(ev.transit_ms, 50), percentile(ev.transit_ms, 99)
+        a50 = t50 - percentile(base.transit_ms, 50) if base else math.nan
+        a99 = t99 - percentile(base.transit_ms, 99) if base else math.nan
+        lines.append(
+            f"| {key} {ev.config.label} | {ev.events} | {_f(statistics.median(ev.ttfb_ms), 3)} | {_f(t50, 3)} | "
+            f"{_f(t99, 3)} | {_f(a50, 3)} | {_f(a99, 3)} | {_f(percentile(ev.offset_error_ms, 50), 3)} | "
+            f"{_f(percentile(ev.offset_error_ms, 99), 3)} | {_f(percentile(ev.gaps_ms, 99), 3)} |"
+        )
+    lines.append("")
+
+    if report.memory is not None:
+        m = report.memory
+        lines += [
+            "## 5. ext_proc memory over one long stream",
+            "",
+            f"One stream of {m.events:,} SSE events through C (`n=2`, `max_tokens={s.memory_chunks // 2}`: the fake "
+            f"caps a single sequence at 8192 tokens; upstream `--token-delay-ms {s.memory_delay_ms:g}`; a policy "
+            f"copy with raised caps), {m.seconds:.1f} s; VmRSS of the ext_proc process sampled every 0.5 s "
+            "(after a 200-token warm-up stream).",
+            "",
+            "| start MiB | peak MiB | end MiB | peak - start MiB | samples |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+            f"| {_f(m.start_mib)} | {_f(m.peak_mib)} | {_f(m.end_mib)} | {_f(m.peak_mib - m.start_mib)} | "
+            f"{len(m.samples)} |",
+            "",
+        ]
+
+    if report.tokens:
+        lines += [
+            "## 6. Tokenization and decision time (in process, no load)",
+            "",
+            "`counter_for(TokenizerSpec())` (tiktoken cl100k_base) `.count(text)`, and the whole "
+            "`Gateway.on_request_body` for a one-message chat body of that text (JSON parse, validation, "
+            f"count, caps, rewrite), policy caps raised to 200k tokens; median of {s.token_repeats} runs.",
+            "",
+            "| target tokens | actual tokens | body KiB | count ms | on_request_body ms |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in report.tokens:
+            lines.append(
+                f"| {row.target:,} | {row.tokens:,} | {_f(row.body_kib, 0)} | {_f(row.count_ms)} | "
+                f"{_f(row.decision_ms)} |"
+            )
+        lines.append("")
+
+    lines += ["## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
+    for name, measured, ok in targets(report):
+        lines.append(f"| {name} | {measured} | {_verdict(ok) if ok is not None else 'n/a'} |")
+    lines.append("")
+
+    if report.profile:
+        lines += [
+            "## Where gateway time goes (py-spy, C under wrk saturation)",
+            "",
+            "`py-spy record --nonblocking --rate 250` on the C ext_proc during an extra wrk run. Python "
+            "functions are ranked by inclusive share of all samples; native work (uvloop, the grpc Cython "
+            "layer, syscalls, gRPC core threads) shows only as the buckets at the top.",
+            "",
+            "| function | self % | inclusive % |",
+            "| --- | ---: | ---: |",
+        ]
+        for name, self_pct, incl_pct in report.profile:
+            label = name if name.startswith("[") else f"`{name}`"
+            lines.append(f"| {label} | {_f(self_pct, 1)} | {_f(incl_pct, 1)} |")
+        lines.append("")
+    if report.notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in report.notes], ""]
+    return "\n".join(lines)
+
+
+def targets(report: Report) -> list[tuple[str, str, bool | None]]:
+    out: list[tuple[str, str, bool | None]] = []
+    sat, rate, sse = report.saturation, report.rate, report.sse
+    if "B" in sat and "C" in sat:
+        r = _ratio(sat["C"].rps, sat["B"].rps)
+        out.append((f"throughput C ≥ {TARGET_THROUGHPUT_RATIO}x B", f"{r:.2f}x", r >= TARGET_THROUGHPUT_RATIO))
+    if "B" in rate and "C" in rate:
+        d50 = rate["C"].p50 - rate["B"].p50
+        d99 = rate["C"].p99 - rate["B"].p99
+        out.append(
+            (
+                f"added p50 at {report.settings.rate:g} req/s ≤ {TARGET_ADDED_P50_MS:g} ms over null",
+                f"{d50:.3f} ms",
+                d50 <= TARGET_ADDED_P50_MS,
+            )
+        )
+        out.append(
+            (
+                f"added p99 at {report.settings.rate:g} req/s ≤ {TARGET_ADDED_P99_MS:g} ms over null",
+                f"{d99:.3f} ms",
+                d99 <= TARGET_ADDED_P99_MS,
+            )
+        )
+    if "A" in sse and "C" in sse:
+        if sse["C"].transit_ms and sse["A"].transit_ms:
+            d = percentile(sse["C"].transit_ms, 99) - percentile(sse["A"].transit_ms, 99)
+            what = "transit"
+        else:
+            d = percentile(sse["C"].gaps_ms, 99) - percentile(sse["A"].gaps_ms, 99)
+            what = "client gap"
+        out.append(
+            (
+                f"SSE per-chunk added p99 ≤ {TARGET_SSE_ADDED_P99_MS:g} ms (C vs A, {what})",
+                f"{d:.3f} ms",
+                d <= TARGET_SSE_ADDED_P99_MS,
+            )
+        )
+    if report.memory is not None:
+        growth = report.memory.peak_mib - report.memory.start_mib
+        name = f"memory flat over {report.memory.events:,} chunks (peak - start ≤ {TARGET_MEMORY_GROWTH_MIB:g} MiB)"
+        out.append((name, f"{growth:+.2f} MiB", growth <= TARGET_MEMORY_GROWTH_MIB))
+    if "C" in sat and "C-2w" in sat:
+        r = _ratio(sat["C-2w"].rps, sat["C"].rps)
+        out.append((f"2 workers ≥ {TARGET_WORKER_SCALING}x 1 worker", f"{r:.2f}x", r >= TARGET_WORKER_SCALING))
+    if "C" in sat and "C-2r" in sat:
+        r = _ratio(sat["C-2r"].rps, sat["C"].rps)
+        name = f"(same bar, 2 replicas balanced by Envoy) ≥ {TARGET_WORKER_SCALING}x 1 worker"
+        out.append((name, f"{r:.2f}x", r >= TARGET_WORKER_SCALING))
+    return out
+
+
+def _reproduce_command(argv: Sequence[str]) -> str:
+    return shlex.join(["extproc", "bench", *argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="extproc bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="short durations: a smoke run (about a minute)")
+    parser.add_argument("--out", type=Path, help="also write the markdown report to this file")
+    parser.add_argument("--policy", type=Path, help=f"base policy instead of the example (must define {BENCH_MODEL!r})")
+    parser.add_argument("--rounds", type=int, help="saturation rounds per config (default: 3, --quick: 1)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also py-spy the gateway under load and list the top functions (needs py-spy)",
+    )
+    args = parser.parse_args(argv)
+    settings = Settings.quick() if args.quick else Settings()
+    if args.rounds:
+        settings = dataclasses.replace(settings, rounds=max(1, args.rounds))
+    work_dir = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
+    try:
+        report = run(settings, profile=args.profile, work_dir=work_dir, base_policy=args.policy)
+    except (RuntimeError, PolicyError) as exc:
+        print(f"extproc bench: {exc}", file=sys.stderr)
+        return 1
+    text = render(report, _reproduce_command(argv))
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+        log(f"wrote {args.out}")
+    if report.profile:
+        log(f"raw profile: {work_dir / 'gateway-profile.txt'}")
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
