@@ -100,60 +100,27 @@ def plan_quota(
     total = prompt_tokens + completion_tokens
     rules: list[PlannedRule] = []
     for scope, key, spec in scopes:
-        if spec.requests_per_minute:
-            rules.append(
-                PlannedRule(
-                    LimitRule(f"{key}:rpm:{minute}", "counter", spec.requests_per_minute, 1, minute_reset + _SLACK_MS),
-                    "requests",
-                    "total",
-                    scope,
-                    minute_reset,
-                )
-            )
-        if spec.tokens_per_minute:
-            counts = spec.tokens_per_minute_counts
-            cost = _cost("tokens", counts, prompt_tokens, completion_tokens)
-            rules.append(
-                PlannedRule(
-                    LimitRule(f"{key}:tpm:{minute}", "counter", spec.tokens_per_minute, cost, minute_reset + _SLACK_MS),
-                    "tokens",
-                    counts,
-                    scope,
-                    minute_reset,
-                )
-            )
-        if spec.tokens_per_day:
-            reset = day_end_ms - now_ms
-            rules.append(
-                PlannedRule(
-                    LimitRule(f"{key}:tpd:{day_id}", "counter", spec.tokens_per_day, total, reset + _SLACK_MS),
-                    "day",
-                    "total",
-                    scope,
-                    reset,
-                )
-            )
-        if spec.tokens_per_month:
-            reset = month_end_ms - now_ms
-            rules.append(
-                PlannedRule(
-                    LimitRule(f"{key}:tpmo:{month_id}", "counter", spec.tokens_per_month, total, reset + _SLACK_MS),
-                    "month",
-                    "total",
-                    scope,
-                    reset,
-                )
-            )
-        if spec.max_concurrent_requests:
-            rules.append(
-                PlannedRule(
-                    LimitRule(f"{key}:conc", "concurrency", spec.max_concurrent_requests, 1, _SLACK_MS),
-                    "concurrency",
-                    "total",
-                    scope,
-                    1000,
-                )
-            )
+        counts = spec.tokens_per_minute_counts
+        table: tuple[tuple[Metric, int | None, str, TokenCounts, int, int], ...] = (
+            # metric, limit, key suffix, what it counts, cost now, ms until the window resets
+            ("requests", spec.requests_per_minute, f"rpm:{minute}", "total", 1, minute_reset),
+            (
+                "tokens",
+                spec.tokens_per_minute,
+                f"tpm:{minute}",
+                counts,
+                _cost("tokens", counts, prompt_tokens, completion_tokens),
+                minute_reset,
+            ),
+            ("day", spec.tokens_per_day, f"tpd:{day_id}", "total", total, day_end_ms - now_ms),
+            ("month", spec.tokens_per_month, f"tpmo:{month_id}", "total", total, month_end_ms - now_ms),
+            ("concurrency", spec.max_concurrent_requests, "conc", "total", 1, 1000),
+        )
+        for metric, limit, suffix, counted, cost, reset in table:
+            if limit:
+                kind: Literal["counter", "concurrency"] = "concurrency" if metric == "concurrency" else "counter"
+                rule = LimitRule(f"{key}:{suffix}", kind, limit, cost, reset + _SLACK_MS)
+                rules.append(PlannedRule(rule, metric, counted, scope, reset))
     return QuotaPlan(tag, request_id, rules, now_ms + reservation_ttl_ms, prompt_tokens, completion_tokens)
 
 
