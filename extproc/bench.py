@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import yaml
@@ -118,7 +118,7 @@ class Settings:
 class Config:
     key: str
     label: str
-    extproc: str  # LocalStack.extproc: gateway | null | none
+    extproc: Literal["gateway", "null", "none"]  # what LocalStack runs as the ext_proc
     workers: int = 1
     log_level: str = "warning"
     tenants: bool = True  # False: the bench policy minus tenants (no authentication, no quotas)

@@ -136,7 +136,6 @@ class Gateway:
                     }
                 )
         self._models_reply = _json_reply(listing)
-        self._strip_on_passthrough = (self.backend_header,)
         # Tenants' allowed models by canonical name, so an alias of an allowed model is allowed too.
         self._allowed: dict[str, frozenset[str] | None] = {}
         self._models_reply_for: dict[str, Reply] = {}
@@ -150,6 +149,8 @@ class Gateway:
                 self._models_reply_for[name] = _json_reply(visible)
         # Identity headers only we may set; with no tenants they are removed, not passed on.
         self._identity_headers = (names.TENANT, names.TIER, names.TRAFFIC_CLASS)
+        # Headers a client must never choose: removed from anything we let through untouched.
+        self._ours = (self.backend_header, *self._identity_headers)
 
     # --- request headers -----------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class Gateway:
         path = headers.get(names.PATH, "/").split("?", 1)[0]
         translator = TRANSLATORS.get(path)
         if translator is None and path != names.MODELS:
-            return Passthrough(self._strip_on_passthrough if self.backend_header in headers else ())
+            return Passthrough(tuple(name for name in self._ours if name in headers))
         method = headers.get(names.METHOD, "GET")
         try:
             identity = self.auth.identify(headers) if self.auth.enabled else None

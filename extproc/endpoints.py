@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import orjson
 
+from extproc import names
 from extproc.errors import invalid_request
 from extproc.policy import Endpoint
 from extproc.tokenizer import TokenCounter
@@ -205,7 +206,7 @@ class Embeddings(Translator):
 
 
 TRANSLATORS: dict[str, Translator] = {
-    "/v1/chat/completions": ChatCompletions(),
-    "/v1/completions": Completions(),
-    "/v1/embeddings": Embeddings(),
+    names.CHAT_COMPLETIONS: ChatCompletions(),
+    names.COMPLETIONS: Completions(),
+    names.EMBEDDINGS: Embeddings(),
 }

@@ -6,12 +6,10 @@ the gateway sets; anything else goes to the default backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import yaml
-
-ExtProcMode = Literal["gateway", "null", "none"]
 
 
 @dataclass(frozen=True)
@@ -33,9 +31,6 @@ class EnvoySetup:
     max_body_bytes: int = 1 << 20
     message_timeout_ms: int = 2000
     host: str = "127.0.0.1"
-    # A null processor must see the same message sequence: it cannot ask for the response body itself.
-    response_body_mode: str = "NONE"
-    extra_routes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _cluster(name: str, host: str, ports: list[int], http2: bool = False) -> dict[str, Any]:
@@ -80,7 +75,7 @@ def _ext_proc_filter(setup: EnvoySetup) -> dict[str, Any]:
                 "request_body_mode": "BUFFERED",
                 "request_trailer_mode": "SKIP",
                 "response_header_mode": "SEND",
-                "response_body_mode": setup.response_body_mode,
+                "response_body_mode": "NONE",  # switched per response with mode_override
                 "response_trailer_mode": "SKIP",
             },
         },
@@ -132,7 +127,7 @@ def _local_reply_config(setup: EnvoySetup) -> dict[str, Any]:
 
 
 def render(setup: EnvoySetup) -> str:
-    routes: list[dict[str, Any]] = list(setup.extra_routes)
+    routes: list[dict[str, Any]] = []
     for upstream in setup.upstreams:
         routes.append(
             {

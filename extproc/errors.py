@@ -66,3 +66,16 @@ def unsupported_media_type(content_type: str) -> GatewayError:
 
 def method_not_allowed(method: str, path: str) -> GatewayError:
     return GatewayError(405, f"Method {method} is not allowed on {path}.", code="method_not_allowed")
+
+
+def unauthorized(message: str) -> GatewayError:
+    return GatewayError(401, message, code="invalid_api_key")
+
+
+def quota_store_unavailable() -> GatewayError:
+    return GatewayError(
+        503,
+        "The quota service is unavailable; please retry shortly.",
+        type="server_error",
+        code="quota_store_unavailable",
+    )

@@ -31,6 +31,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from extproc import names
+
 __all__ = ["build_app", "main", "serve"]
 
 log = logging.getLogger(__name__)
@@ -214,7 +216,7 @@ class _FakeVllm:
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         # A signal rather than per-handler headers so aiohttp's own error responses
         # (413, 500, ...) are attributed to this upstream too.
-        response.headers["x-served-by"] = self.name
+        response.headers[names.SERVED_BY] = self.name
 
     async def _read(self, request: web.Request) -> Any:
         """Read, record and decode the body; raises a vLLM-style 400 on bad JSON."""

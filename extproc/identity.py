@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from extproc import names
-from extproc.errors import GatewayError
+from extproc.errors import unauthorized
 from extproc.policy import KeySpec, Policy, PolicyError, TenantPolicy
 
 _PREFIX = 12  # hex chars of the digest used to index candidates; the full digest decides
@@ -39,10 +39,6 @@ class Identity:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def unauthorized(message: str) -> GatewayError:
-    return GatewayError(401, message, code="invalid_api_key")
 
 
 def _bearer(headers: dict[str, str]) -> str | None:

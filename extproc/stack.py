@@ -7,7 +7,6 @@ the very same processes.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -19,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from extproc.envoy_config import EnvoySetup, Upstream, render
 from extproc.policy import Policy, load_policy
@@ -105,7 +105,7 @@ class LocalStack:
     admin_port: int | None = None
     extproc_port: int | None = None
     workers: int = 1
-    extproc: str = "gateway"  # gateway | null | none
+    extproc: Literal["gateway", "null", "none"] = "gateway"
     envoy_concurrency: int = 1
     token_delay_ms: float = 0.0
     log_level: str = "info"
@@ -113,7 +113,6 @@ class LocalStack:
     replicas: int = 1  # separate `extproc serve` processes, each its own port, like pods
     work_dir: Path | None = None
     keep_logs: bool = False  # a temporary work_dir is removed on stop unless asked to keep it
-    extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
     upstreams: list[Upstream] = field(default_factory=list)
 
@@ -138,8 +137,7 @@ class LocalStack:
 
     def _add(self, name: str, argv: list[str]) -> ManagedProcess:
         assert self.work_dir is not None
-        env = {**os.environ, **self.extra_env}
-        process = ManagedProcess(name, argv, self.work_dir / f"{name}.log", env)
+        process = ManagedProcess(name, argv, self.work_dir / f"{name}.log")
         process.start()
         self.processes.append(process)
         return process
@@ -162,10 +160,10 @@ class LocalStack:
             if self.token_delay_ms:
                 argv += ["--token-delay-ms", str(self.token_delay_ms)]
             waits.append((self._add(f"vllm-{subset}", argv), f"http://127.0.0.1:{port}/health"))
-        extproc_port: int | None = None
-        replica_ports = [self.extproc_port, *(free_port() for _ in range(self.replicas - 1))]
-        for replica, port in enumerate(replica_ports if self.extproc != "none" else []):
-            extproc_port = replica_ports[0]
+        replica_ports: list[int] = []
+        if self.extproc != "none":
+            replica_ports = [self.extproc_port, *(free_port() for _ in range(self.replicas - 1))]
+        for replica, port in enumerate(replica_ports):
             listen = f"127.0.0.1:{port}"
             if self.extproc == "null":
                 argv = self._python("null-extproc", "--listen", listen)
@@ -192,8 +190,8 @@ class LocalStack:
                     listen_port=self.listen_port,
                     admin_port=self.admin_port,
                     upstreams=self.upstreams,
-                    extproc_port=extproc_port,
-                    extra_extproc_ports=tuple(replica_ports[1:]) if extproc_port else (),
+                    extproc_port=replica_ports[0] if replica_ports else None,
+                    extra_extproc_ports=tuple(replica_ports[1:]),
                     backend_header=self.policy.gateway.backend_header,
                     max_body_bytes=self.policy.gateway.max_body_bytes,
                 )

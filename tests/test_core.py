@@ -300,3 +300,8 @@ def test_json_response_usage(gateway: Gateway) -> None:
         7,
         3,
     )
+
+
+def test_passthrough_strips_every_header_only_the_gateway_may_set(gateway: Gateway) -> None:
+    forged = head("/metrics", "GET", **{"x-llm-tenant": "acme", "x-llm-class": "interactive", "x-other": "kept"})
+    assert gateway.on_request_headers(forged) == Passthrough(("x-llm-tenant", "x-llm-class"))

@@ -38,8 +38,6 @@ class QuotaPlan:
     request_id: str
     rules: list[PlannedRule]
     expires_at_ms: int
-    prompt_tokens: int
-    completion_tokens: int
 
     @property
     def store_rules(self) -> list[LimitRule]:
@@ -121,7 +119,7 @@ def plan_quota(
                 kind: Literal["counter", "concurrency"] = "concurrency" if metric == "concurrency" else "counter"
                 rule = LimitRule(f"{key}:{suffix}", kind, limit, cost, reset + _SLACK_MS)
                 rules.append(PlannedRule(rule, metric, counted, scope, reset))
-    return QuotaPlan(tag, request_id, rules, now_ms + reservation_ttl_ms, prompt_tokens, completion_tokens)
+    return QuotaPlan(tag, request_id, rules, now_ms + reservation_ttl_ms)
 
 
 def format_duration(ms: int) -> str:

@@ -9,8 +9,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 
-from extproc import metrics
-from extproc.errors import GatewayError
+from extproc import errors, metrics
 from extproc.identity import Identity
 from extproc.policy import Policy
 from extproc.quota.plan import QuotaPlan, plan_quota, rate_limit_headers, refusal
@@ -25,15 +24,6 @@ _FLUSH_DELAY_S = 0.005
 class Reservation:
     plan: QuotaPlan
     headers: list[tuple[str, str]]  # x-ratelimit-* for the successful response
-
-
-def store_unavailable() -> GatewayError:
-    return GatewayError(
-        503,
-        "The quota service is unavailable; please retry shortly.",
-        type="server_error",
-        code="quota_store_unavailable",
-    )
 
 
 class QuotaService:
@@ -57,7 +47,7 @@ class QuotaService:
             result = await self.store.admit(plan.tag, plan.request_id, plan.store_rules, now_ms, plan.expires_at_ms)
         except StoreUnavailable:
             metrics.QUOTA_UNAVAILABLE.inc()
-            raise store_unavailable() from None
+            raise errors.quota_store_unavailable() from None
         if not result.allowed:
             raise refusal(plan, result)
         return Reservation(plan, rate_limit_headers(plan, result))
