@@ -151,6 +151,11 @@ class Gateway:
         self._identity_headers = (names.TENANT, names.TIER, names.TRAFFIC_CLASS)
         # Headers a client must never choose: removed from anything we let through untouched.
         self._ours = (self.backend_header, *self._identity_headers)
+        # The request headers any decision reads: the adapter need not decode the others.
+        self.request_header_names = frozenset(
+            {names.PATH, names.METHOD, names.CONTENT_TYPE, names.CONTENT_LENGTH, *self._ours}
+            | (self.auth.header_names if self.auth.enabled else frozenset())
+        )
 
     # --- request headers -----------------------------------------------------------------
 
@@ -264,8 +269,7 @@ class Gateway:
             remove_headers += self.auth.strip
         else:
             remove_headers += self._identity_headers
-        if new_body is not None:
-            set_headers.append((names.CONTENT_LENGTH, str(len(new_body))))
+        # A replaced body's content-length is the adapter's to set: it depends on how the body travels.
         return Admission(
             model=model,
             endpoint=translator.endpoint,

@@ -96,7 +96,8 @@ class Authenticator:
             )
             for name, spec in policy.tenants.items()
         }
-        self._keys: dict[str, list[tuple[bytes, Tenant, str]]] = {}
+        # Digest prefix -> [(full digest, the identity it proves)]; identities are built once, here.
+        self._keys: dict[str, list[tuple[bytes, Identity]]] = {}
         entries = [(tenant, key) for tenant, spec in policy.tenants.items() for key in spec.keys]
         for path in auth.key_files:
             entries.extend(load_key_file(path))
@@ -105,13 +106,20 @@ class Authenticator:
             if tenant_name not in self.tenants:
                 raise PolicyError(f"auth: key {key.name!r} names unknown tenant {tenant_name!r}")
             bucket = self._keys.setdefault(key.sha256[:_PREFIX], [])
-            bucket.append((bytes.fromhex(key.sha256), self.tenants[tenant_name], key.name))
+            bucket.append((bytes.fromhex(key.sha256), Identity(self.tenants[tenant_name], key.name, "api_key")))
         self._spiffe = {sid: self.tenants[name] for name, spec in policy.tenants.items() for sid in spec.spiffe_ids}
         self.jwt_header = auth.jwt_tenant_header
         self.trust_spiffe = auth.trust_spiffe
         self.trust_tenant_header = auth.trust_tenant_header
         # Headers that must not reach the backend, or that only we may set.
         self.strip = (names.AUTHORIZATION, names.API_KEY) if auth.strip_credentials else ()
+        # Every request header `identify` may read.
+        self.header_names = frozenset(
+            {names.AUTHORIZATION, names.API_KEY}
+            | ({self.jwt_header} if self.jwt_header else set())
+            | ({names.XFCC} if self.trust_spiffe else set())
+            | ({names.TENANT} if self.trust_tenant_header else set())
+        )
 
     def identify(self, headers: dict[str, str]) -> Identity:
         key = _bearer(headers)
@@ -129,14 +137,14 @@ class Authenticator:
 
     def _by_key(self, key: str) -> Identity:
         digest = hashlib.sha256(key.encode()).digest()
-        match: tuple[Tenant, str] | None = None
-        for stored, tenant, name in self._keys.get(digest.hex()[:_PREFIX], ()):
+        match: Identity | None = None
+        for stored, identity in self._keys.get(digest.hex()[:_PREFIX], ()):
             # Every candidate is compared, so timing does not depend on which one matches.
             if hmac.compare_digest(stored, digest):
-                match = (tenant, name)
+                match = identity
         if match is None:
             raise unauthorized("Incorrect API key provided.")
-        return Identity(match[0], match[1], "api_key")
+        return match
 
     def _tenant(self, name: str) -> Tenant:
         tenant = self.tenants.get(name)

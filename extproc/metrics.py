@@ -6,23 +6,57 @@ Prometheus scrapes them as separate targets (sum by pod in queries).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry()
 
-REQUESTS = Counter(
+
+class HotCounter(Collector):
+    """A labelled counter for per-request events, kept as plain ints.
+
+    prometheus_client's own Counter takes a lock per increment; these are bumped a few times
+    per request from the event loop thread only, so one dict update is enough. The scrape
+    thread copies the dict (atomic under the GIL) and exports the usual `<name>_total`.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = list(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in list(self.values.items()):
+            family.add_metric(labels, value)
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+
+
+REQUESTS = HotCounter(
     "extproc_requests",
     "Inference requests decided by the gateway, by outcome (ok or the error code returned).",
     ["model", "endpoint", "outcome"],
     registry=REGISTRY,
 )
-TOKENS = Counter(
+TOKENS = HotCounter(
     "extproc_tokens",
-    "Tokens settled from real usage (prompt, completion) and counted at admission (counted_prompt).",
+    "Tokens settled from real usage (prompt, completion).",
     ["model", "tenant", "kind"],
     registry=REGISTRY,
 )
-RESPONSES = Counter(
+RESPONSES = HotCounter(
     "extproc_upstream_responses",
     "Upstream responses seen, by status class.",
     ["model", "status_class"],
@@ -66,29 +100,20 @@ _OUTCOMES = frozenset(
 )
 
 
-_children: dict[tuple[str, ...], Counter] = {}
-
-
-def _child(metric: Counter, *labels: str) -> Counter:
-    # prometheus_client's labels() takes a lock and builds a tuple per call; ours is one dict lookup.
-    key = (metric._name, *labels)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = metric.labels(*labels)
-    return child
+_STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
 
 
 def count_request(model: str, endpoint: str, code: str | None) -> None:
-    _child(REQUESTS, model, endpoint, outcome_label(code)).inc()
+    REQUESTS.inc((model, endpoint, outcome_label(code)))
 
 
 def count_usage(model: str, tenant: str, prompt: int, completion: int) -> None:
-    _child(TOKENS, model, tenant, "prompt").inc(prompt)
-    _child(TOKENS, model, tenant, "completion").inc(completion)
+    TOKENS.inc((model, tenant, "prompt"), prompt)
+    TOKENS.inc((model, tenant, "completion"), completion)
 
 
 def count_response(model: str, status: int) -> None:
-    _child(RESPONSES, model, f"{status // 100}xx").inc()
+    RESPONSES.inc((model, _STATUS_CLASSES.get(status // 100, "other")))
 
 
 def outcome_label(code: str | None) -> str:

@@ -15,13 +15,15 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.core import BodyMode
 from extproc.processor import RESPONSE_HEADERS_WITH_MODE
+from extproc.wire import add_processor_to_server
 
+# Serialized once and sent as they are, exactly as the gateway sends its own fixed replies.
 _REPLIES = {
-    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
-    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
-    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
-    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
-    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()).SerializeToString(),
+    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()).SerializeToString(),
+    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()).SerializeToString(),
+    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()).SerializeToString(),
+    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()).SerializeToString(),
 }
 _RESPONSE_HEADERS = RESPONSE_HEADERS_WITH_MODE
 
@@ -29,7 +31,7 @@ _RESPONSE_HEADERS = RESPONSE_HEADERS_WITH_MODE
 class NullProcessor(pb_grpc.ExternalProcessorServicer):
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    ) -> AsyncIterator[bytes]:
         async for request in request_iterator:
             kind = request.WhichOneof("request")
             if kind == "response_headers":
@@ -44,7 +46,7 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):
 
 async def run(listen: str) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(NullProcessor(), server)
+    add_processor_to_server(NullProcessor(), server)
     server.add_insecure_port(listen)
     await server.start()
     await server.wait_for_termination()

@@ -151,6 +151,13 @@ class AuthPolicy(_Strict):
     # Accept a client-sent tenant header. Only for callers already authenticated upstream of us.
     trust_tenant_header: bool = False
 
+    @model_validator(mode="after")
+    def _check(self) -> AuthPolicy:
+        # Envoy hands us lower-case header names: any other spelling would never match.
+        if self.jwt_tenant_header is not None and not _HEADER_NAME.match(self.jwt_tenant_header):
+            raise ValueError("jwt_tenant_header must be a lower-case header name")
+        return self
+
 
 class QuotaPolicy(_Strict):
     # What admission does when Redis cannot be reached.

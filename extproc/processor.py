@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
 from enum import Enum
+from typing import TypeAlias
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -18,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
-from extproc import metrics, names
+from extproc import metrics, names, wire
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.errors import GatewayError
 from extproc.quota.service import QuotaService, Reservation
@@ -27,13 +28,16 @@ log = logging.getLogger("extproc.request")
 
 _Mode = processing_mode_pb2.ProcessingMode
 
-# Responses that carry no decision are built once; protobuf serialises them per send.
-_CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-_CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
-_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
-_CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+# What a stream answers: serialized bytes on the hot paths (see wire.py), messages for rare replies.
+Wire: TypeAlias = bytes | pb.ProcessingResponse
+
+# Replies that carry no decision are serialized once.
+_CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse()).SerializeToString()
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse()).SerializeToString()
+_CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse()).SerializeToString()
+_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse()).SerializeToString()
+_CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse()).SerializeToString()
+_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse()).SerializeToString()
 
 # Non-inference traffic: no body, no response processing; Envoy stops calling us.
 _PASSTHROUGH_MODE = _Mode(
@@ -48,30 +52,37 @@ RESPONSE_BODY_MODES = {
     # BUFFERED_PARTIAL: a JSON body over Envoy's buffer limit is passed on rather than failed with 500.
     BodyMode.BUFFERED: _Mode(response_body_mode=_Mode.BUFFERED_PARTIAL, response_trailer_mode=_Mode.SKIP),
 }
-RESPONSE_HEADERS_WITH_MODE = {
-    mode: pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=override)
-    for mode, override in RESPONSE_BODY_MODES.items()
-}
-_CONTINUE_PASSTHROUGH = pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=_PASSTHROUGH_MODE)
+_MODE_OVERRIDES = {mode: wire.mode_override(override) for mode, override in RESPONSE_BODY_MODES.items()}
+RESPONSE_HEADERS_WITH_MODE = {mode: _CONTINUE_RESPONSE_HEADERS + field for mode, field in _MODE_OVERRIDES.items()}
+_PASSTHROUGH_OVERRIDE = wire.mode_override(_PASSTHROUGH_MODE)
+_CONTINUE_PASSTHROUGH = _CONTINUE_REQUEST_HEADERS + _PASSTHROUGH_OVERRIDE
+
+# Admitted requests of one caller and model get the same routing headers; only a rewritten
+# body's content-length differs.
+_ROUTING_MUTATIONS: dict[tuple[tuple[tuple[str, str], ...], tuple[str, ...]], bytes] = {}
+_ROUTING_MUTATIONS_MAX = 4096
 
 
-_OPTION_CACHE: dict[tuple[str, str], base_pb2.HeaderValueOption] = {}
-_OPTION_CACHE_MAX = 4096  # header values repeat (backend, tenant, tier); bounded all the same
-
-
-def _option(key: str, value: str) -> base_pb2.HeaderValueOption:
-    option = _OPTION_CACHE.get((key, value))
-    if option is None:
-        # Values travel in raw_value only: `value` alone yields an empty header, both are rejected.
-        option = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()))
-        if len(_OPTION_CACHE) >= _OPTION_CACHE_MAX:
-            _OPTION_CACHE.clear()
-        _OPTION_CACHE[(key, value)] = option
-    return option
+def _admitted_reply(admission: Admission) -> bytes:
+    key = (tuple(admission.set_headers), tuple(admission.remove_headers))
+    mutation = _ROUTING_MUTATIONS.get(key)
+    if mutation is None:
+        mutation = wire.header_mutation(admission.set_headers, admission.remove_headers)
+        if len(_ROUTING_MUTATIONS) >= _ROUTING_MUTATIONS_MAX:
+            _ROUTING_MUTATIONS.clear()
+        _ROUTING_MUTATIONS[key] = mutation
+    if admission.body is not None:
+        mutation += wire.set_header(names.CONTENT_LENGTH, str(len(admission.body)))
+    return wire.reply("request_body", mutation, body=admission.body, clear_route_cache=True)
 
 
 def header_mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> pb.HeaderMutation:
-    return pb.HeaderMutation(set_headers=[_option(k, v) for k, v in set_headers], remove_headers=remove)
+    """A HeaderMutation message, for the rare replies built with the generated classes."""
+    # Values travel in raw_value only: `value` alone yields an empty header, both are rejected.
+    options = [
+        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode())) for k, v in set_headers
+    ]
+    return pb.HeaderMutation(set_headers=options, remove_headers=remove)
 
 
 def immediate(reply: Reply) -> pb.ProcessingResponse:
@@ -85,8 +96,27 @@ def immediate(reply: Reply) -> pb.ProcessingResponse:
     )
 
 
-def _headers(message: pb.HttpHeaders) -> dict[str, str]:
-    return {h.key: h.raw_value.decode("utf-8", "replace") for h in message.headers.headers}
+def _headers(message: pb.HttpHeaders, wanted: frozenset[str]) -> dict[str, str]:
+    """The headers a decision may read, decoded; a mesh adds many more that nothing here reads."""
+    headers = {}
+    for header in message.headers.headers:
+        key = header.key
+        if key in wanted:
+            headers[key] = header.raw_value.decode("utf-8", "replace")
+    return headers
+
+
+def _status_and_content_type(message: pb.HttpHeaders) -> tuple[int, str]:
+    """The two response headers the watcher needs, without decoding the others."""
+    status, content_type = 0, ""
+    for header in message.headers.headers:
+        key = header.key
+        if key == names.STATUS:
+            value = header.raw_value
+            status = int(value) if value.isdigit() else 0
+        elif key == names.CONTENT_TYPE:
+            content_type = header.raw_value.decode("latin-1")
+    return status, content_type
 
 
 class Phase(Enum):
@@ -111,7 +141,7 @@ class RequestStream:
         self.reservation: Reservation | None = None
         self.watcher: ResponseWatcher | None = None
 
-    async def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    async def handle(self, request: pb.ProcessingRequest) -> Wire:
         kind = request.WhichOneof("request")
         if kind == "request_headers":
             return self._on_request_headers(request.request_headers)
@@ -125,8 +155,9 @@ class RequestStream:
             return _CONTINUE_REQUEST_TRAILERS
         return _CONTINUE_RESPONSE_TRAILERS
 
-    def _on_request_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
-        verdict = self.gateway.on_request_headers(_headers(message), message.end_of_stream)
+    def _on_request_headers(self, message: pb.HttpHeaders) -> Wire:
+        headers = _headers(message, self.gateway.request_header_names)
+        verdict = self.gateway.on_request_headers(headers, message.end_of_stream)
         if isinstance(verdict, NeedBody):
             self.need = verdict
             self.phase = Phase.REQUEST_BODY
@@ -138,16 +169,10 @@ class RequestStream:
             return immediate(verdict)
         if not verdict.strip_headers:
             return _CONTINUE_PASSTHROUGH
-        return pb.ProcessingResponse(
-            request_headers=pb.HeadersResponse(
-                response=pb.CommonResponse(
-                    header_mutation=header_mutation((), verdict.strip_headers), clear_route_cache=True
-                )
-            ),
-            mode_override=_PASSTHROUGH_MODE,
-        )
+        mutation = wire.header_mutation((), verdict.strip_headers)
+        return wire.reply("request_headers", mutation, clear_route_cache=True) + _PASSTHROUGH_OVERRIDE
 
-    async def _on_request_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
+    async def _on_request_body(self, message: pb.HttpBody) -> Wire:
         if self.need is None:  # body without headers we asked for: nothing to decide
             return _CONTINUE_REQUEST_BODY
         endpoint = self.need.translator.endpoint
@@ -177,35 +202,22 @@ class RequestStream:
                 admission.stream,
                 "".join(f" [{note}]" for note in admission.notes),
             )
-        common = pb.CommonResponse(
-            header_mutation=header_mutation(admission.set_headers, admission.remove_headers), clear_route_cache=True
-        )
-        if admission.body is not None:
-            common.body_mutation.body = admission.body
-        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+        return _admitted_reply(admission)
 
-    def _on_response_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
+    def _on_response_headers(self, message: pb.HttpHeaders) -> Wire:
         if self.admission is None:
             return _CONTINUE_RESPONSE_HEADERS
-        headers = _headers(message)
+        status, content_type = _status_and_content_type(message)
         self.watcher = ResponseWatcher(self.admission)
-        status = int(headers.get(names.STATUS, "0") or 0)
-        mode = self.watcher.on_headers(status, headers.get(names.CONTENT_TYPE, ""))
+        mode = self.watcher.on_headers(status, content_type)
         done = mode is BodyMode.NONE or message.end_of_stream
         self.phase = Phase.DONE if done else Phase.RESPONSE_BODY
-        rate_headers = self.reservation.headers if self.reservation is not None else None
-        if not rate_headers:
+        if self.reservation is None:
             return _CONTINUE_RESPONSE_HEADERS if done else RESPONSE_HEADERS_WITH_MODE[mode]
-        reply = pb.ProcessingResponse(
-            response_headers=pb.HeadersResponse(
-                response=pb.CommonResponse(header_mutation=header_mutation(rate_headers))
-            )
-        )
-        if not done:
-            reply.mode_override.CopyFrom(RESPONSE_BODY_MODES[mode])
-        return reply
+        mutation = wire.header_mutation(self.reservation.rate_limit_headers())
+        return wire.reply("response_headers", mutation, mode_override=b"" if done else _MODE_OVERRIDES[mode])
 
-    def _on_response_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
+    def _on_response_body(self, message: pb.HttpBody) -> Wire:
         if self.watcher is None:
             return _CONTINUE_RESPONSE_BODY
         replacement = self.watcher.on_body(message.body, message.end_of_stream)
@@ -216,7 +228,7 @@ class RequestStream:
         mutation = pb.BodyMutation(body=replacement) if replacement else pb.BodyMutation(clear_body=True)
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
 
-    def failed(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    def failed(self, request: pb.ProcessingRequest) -> Wire:
         """Our own bug must not become a hung or reset stream: answer what the phase allows."""
         kind = request.WhichOneof("request")
         if kind in ("request_headers", "request_body"):
@@ -288,7 +300,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    ) -> AsyncIterator[Wire]:
         stream = RequestStream(self.gateway, self.quotas)
         try:
             async for request in request_iterator:

@@ -61,12 +61,12 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight streams within the grace period."""
     # Imported here so a parent that forks workers has created no gRPC object.
     import grpc
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1._async import HealthServicer
 
     from extproc.core import Gateway
     from extproc.processor import ExternalProcessor
+    from extproc.wire import add_processor_to_server
 
     if options.metrics_port:
         from extproc.metrics import serve_metrics
@@ -75,7 +75,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     gateway = Gateway(options.policy)
     quotas = build_quota_service(options.policy, options.redis_url)
     server = grpc.aio.server(options=grpc_options(options.policy))
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway, quotas), server)
+    add_processor_to_server(ExternalProcessor(gateway, quotas), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(options.listen)

@@ -7,6 +7,7 @@ the very same processes.
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import signal
 import socket
@@ -24,7 +25,30 @@ from extproc.envoy_config import EnvoySetup, Upstream, render
 from extproc.policy import Policy, load_policy
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A port nothing listens on, chosen below the kernel's ephemeral range.
+
+    A port from bind(0) comes from the range the kernel also hands to outgoing connections: under
+    load (wrk, many clients) one of those can take it between our probe and the server's bind.
+    """
+    low, _ = _ephemeral_range()
+    candidates = range(max(low - 12_000, 10_000), low)
+    for _ in range(50):
+        port = random.choice(candidates) if len(candidates) > 100 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -19,6 +19,8 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
+from extproc.stack import free_port
+
 
 class RedisServerNotInstalled(RuntimeError):
     """No redis-server on PATH; callers may turn this into a skip."""
@@ -37,13 +39,7 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _command(port: int, *args: str, timeout: float = 1.0) -> bytes:
+def command(port: int, *args: str, timeout: float = 1.0) -> bytes:
     """Send one RESP command on a fresh connection; the raw reply (b"" if the server hung up, as SHUTDOWN does)."""
     payload = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
     reply = b""
@@ -101,7 +97,7 @@ class RedisServer:
             return self
         # Another process may take a free port between our probe and the bind: try a few.
         for attempt in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             try:
                 self._launch(self.port)
                 return self
@@ -120,7 +116,7 @@ class RedisServer:
             if persist:
                 try:
                     # Saves to our dir even though --save "" disables periodic snapshots.
-                    _command(self.port, "SHUTDOWN", "SAVE")
+                    command(self.port, "SHUTDOWN", "SAVE")
                 except OSError:
                     process.terminate()
             else:
@@ -170,8 +166,8 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited with {process.returncode} on port {port}:\n{stderr}{tail}")
             try:
                 # Ours, not some other server that took the port first; and done loading its snapshot.
-                if f"process_id:{process.pid}\r\n".encode() in _command(port, "INFO", "server", timeout=0.2) and (
-                    _command(port, "PING", timeout=0.2).startswith(b"+PONG")
+                if f"process_id:{process.pid}\r\n".encode() in command(port, "INFO", "server", timeout=0.2) and (
+                    command(port, "PING", timeout=0.2).startswith(b"+PONG")
                 ):
                     self._process = process
                     # A test run that never reaches close() must not leave servers behind.

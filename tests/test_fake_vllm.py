@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from extproc.fake_vllm import build_app
+from extproc.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -477,12 +477,6 @@ def test_debug_history_is_bounded() -> None:
     run_with_client(t)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -492,7 +486,7 @@ def _get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 def test_subprocess_serves_and_exits_cleanly_on_sigterm() -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),

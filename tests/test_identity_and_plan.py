@@ -14,7 +14,7 @@ from extproc.core import Gateway, NeedBody, Reply
 from extproc.errors import GatewayError
 from extproc.identity import Authenticator, hash_key, spiffe_id
 from extproc.policy import PolicyError, parse_policy
-from extproc.quota.plan import format_duration, plan_quota, rate_limit_headers, refusal
+from extproc.quota.plan import QuotaPlan, QuotaPlanner, format_duration, rate_limit_headers, refusal
 from extproc.quota.store import AdmitResult
 
 BASE: dict[str, Any] = {
@@ -133,9 +133,11 @@ def test_health_checks_need_no_key() -> None:
 NOW = int(datetime(2026, 11, 28, 10, 15, 30, tzinfo=UTC).timestamp() * 1000)
 
 
-def _plan(model: str = "m2", prompt: int = 100, completion: int = 50) -> Any:
+def _plan(model: str = "m2", prompt: int = 100, completion: int = 50) -> QuotaPlan:
     identity = Authenticator(policy()).identify({"x-api-key": "sk-acme"})
-    return plan_quota(identity, model, "req1", prompt, completion, NOW, 600_000)
+    plan = QuotaPlanner(reservation_ttl_ms=600_000).plan(identity, model, prompt, completion, NOW)
+    assert plan is not None
+    return plan
 
 
 def test_plan_covers_tenant_key_and_model_scopes_in_one_hash_slot() -> None:
@@ -150,13 +152,41 @@ def test_plan_covers_tenant_key_and_model_scopes_in_one_hash_slot() -> None:
         f"xp:{{acme}}:k:ci:tpm:{minute}",
         "xp:{acme}:m:m2:tpmo:202611",
     }
-    costs = {p.rule.key.split(":", 2)[2]: p.rule.cost for p in plan.rules}
+    costs = {p.rule.key.split(":", 2)[2]: cost for p, cost in zip(plan.rules, plan.costs, strict=True)}
     assert costs[f"tpm:{minute}"] == 150  # total
     assert costs[f"k:ci:tpm:{minute}"] == 50  # output only
     assert costs[f"rpm:{minute}"] == 1
     assert plan.actual_costs(90, 10) == [1, 100, 100, 1, 10, 100]
-    assert by_key[f"xp:{{acme}}:tpm:{minute}"].reset_ms == 30_000
-    assert by_key["xp:{acme}:tpd:20261128"].reset_ms == (13 * 3600 + 44 * 60 + 30) * 1000
+    assert by_key[f"xp:{{acme}}:tpm:{minute}"].reset_ms(NOW) == 30_000
+    assert by_key["xp:{acme}:tpd:20261128"].reset_ms(NOW) == (13 * 3600 + 44 * 60 + 30) * 1000
+    assert plan.expires_at_ms == NOW + 600_000
+
+
+def test_planner_shares_rule_sets_within_a_minute_and_rebuilds_them_after() -> None:
+    auth = Authenticator(policy())
+    acme = auth.identify({"x-api-key": "sk-acme"})
+    planner = QuotaPlanner()
+    first = planner.plan(acme, "m2", 10, 5, NOW)
+    second = planner.plan(acme, "m2", 20, 8, NOW + 1_000)
+    assert first is not None and second is not None
+    assert first.rule_set is second.rule_set  # built once per caller and minute
+    assert first.request_id != second.request_id
+    assert second.costs != first.costs  # only the costs are per request
+    next_minute = planner.plan(acme, "m2", 10, 5, NOW + 60_000)
+    assert next_minute is not None and next_minute.rule_set is not first.rule_set
+    assert next_minute.rules[0].rule.key.endswith(f":rpm:{NOW // 60_000 + 1}")
+    # Counter keys expire a minute after their window; the reservation after the configured TTL.
+    assert first.rules[0].rule.expires_at_ms == (NOW // 60_000 + 1) * 60_000 + 60_000
+    # A tenant with no limits needs no admission at all.
+    assert planner.plan(auth.identify({"x-api-key": "sk-solo"}), "m1", 10, 5, NOW) is None
+
+
+def test_planner_cache_is_bounded() -> None:
+    acme = Authenticator(policy()).identify({"x-api-key": "sk-acme"})
+    planner = QuotaPlanner(max_cached=3)
+    for i in range(10):
+        planner.plan(acme, f"model-{i}", 1, 1, NOW)
+    assert len(planner._cache) <= 3
 
 
 def test_success_headers_show_the_tightest_limits() -> None:
@@ -194,3 +224,12 @@ def test_refusals() -> None:
 )
 def test_duration_format(ms: int, text: str) -> None:
     assert format_duration(ms) == text
+
+
+def test_only_the_headers_a_decision_reads_are_wanted() -> None:
+    gateway = Gateway(policy(auth={"jwt_tenant_header": "x-jwt-tenant", "trust_spiffe": True}))
+    assert {"authorization", "x-api-key", "x-jwt-tenant", "x-forwarded-client-cert"} <= gateway.request_header_names
+    assert {":path", ":method", "content-type", "content-length", "x-llm-backend"} <= gateway.request_header_names
+    assert "user-agent" not in gateway.request_header_names
+    with pytest.raises(PolicyError, match="jwt_tenant_header must be a lower-case"):
+        policy(auth={"jwt_tenant_header": "X-Jwt-Tenant"})

@@ -7,8 +7,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -17,7 +18,7 @@ import redis.asyncio
 from extproc.quota.memory import MemoryStore
 from extproc.quota.redis_store import RedisStore
 from extproc.quota.resilient import ResilientStore
-from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, StoreUnavailable
+from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, Settlement, StoreUnavailable
 from tests.redis_server import RedisServer
 
 MINUTE_MS = 60_000
@@ -29,6 +30,18 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@dataclass(frozen=True)
+class Charge:
+    """A rule and what one request charges it: the tests' shorthand for the store's parallel rules and costs."""
+
+    rule: LimitRule
+    cost: int
+
+
+def rules_of(charges: list[Charge]) -> list[LimitRule]:
+    return [c.rule for c in charges]
+
+
 @dataclass
 class Harness:
     store: QuotaStore
@@ -38,17 +51,31 @@ class Harness:
     def key(self, name: str) -> str:
         return f"xp:{{{self.tag}}}:{name}"
 
-    def counter(self, name: str, limit: int, cost: int, ttl_ms: int = MINUTE_MS) -> LimitRule:
-        return LimitRule(self.key(name), "counter", limit, cost, ttl_ms)
+    def counter(
+        self, name: str, limit: int, cost: int, ttl_ms: int = MINUTE_MS, *, now_ms: int | None = None
+    ) -> Charge:
+        """A counter whose key may expire ttl_ms after now_ms (the wall clock unless given)."""
+        now = now_ms if now_ms is not None else now_ms_()
+        return Charge(LimitRule(self.key(name), "counter", limit, now + ttl_ms), cost)
 
-    def slots(self, limit: int, name: str = "conc") -> LimitRule:
-        return LimitRule(self.key(name), "concurrency", limit, 1, 1000)
+    def slots(self, limit: int, name: str = "conc") -> Charge:
+        return Charge(LimitRule(self.key(name), "concurrency", limit, 0), 1)
 
-    async def usage(self, rules: list[LimitRule], now_ms: int | None = None) -> tuple[int, ...]:
+    async def admit(self, request_id: str, charges: list[Charge], now_ms: int, expires_at_ms: int) -> AdmitResult:
+        costs = [c.cost for c in charges]
+        return await self.store.admit(self.tag, request_id, rules_of(charges), costs, now_ms, expires_at_ms)
+
+    async def settle(self, request_id: str, charges: list[Charge], actual: list[int]) -> None:
+        await self.store.settle(self.tag, request_id, rules_of(charges), actual)
+
+    def settlement(self, request_id: str, charges: list[Charge], actual: list[int]) -> Settlement:
+        return Settlement(self.tag, request_id, rules_of(charges), actual)
+
+    async def usage(self, charges: list[Charge], now_ms: int | None = None) -> tuple[int, ...]:
         """Current usage per rule, read through the store itself: an admission that must be denied."""
         now = now_ms if now_ms is not None else now_ms_()
-        probe = [replace(rule, limit=0, cost=1) for rule in rules]
-        result = await self.store.admit(self.tag, f"probe-{uuid.uuid4().hex}", probe, now, now + 1)
+        probe = [Charge(replace(c.rule, limit=0), 1) for c in charges]
+        result = await self.admit(f"probe-{uuid.uuid4().hex}", probe, now, now + 1)
         assert not result.allowed
         return result.used
 
@@ -92,14 +119,12 @@ async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
 async def test_admit_charges_every_rule_or_none(h: Harness) -> None:
     now = now_ms_()
     tpm, rpm, conc = h.counter("tpm", 100, 30), h.counter("rpm", 50, 60), h.slots(5)
-    assert await h.store.admit(h.tag, "r1", [tpm, rpm, conc], now, now + MINUTE_MS) == AdmitResult(False, 1, (0, 0, 0))
+    assert await h.admit("r1", [tpm, rpm, conc], now, now + MINUTE_MS) == AdmitResult(False, 1, (0, 0, 0))
     assert await h.usage([tpm, rpm, conc]) == (0, 0, 0)
     assert await h.exists("tpm") is not True  # a denial creates nothing
 
     rpm = replace(rpm, cost=40)
-    assert await h.store.admit(h.tag, "r2", [tpm, rpm, conc], now, now + MINUTE_MS) == AdmitResult(
-        True, None, (30, 40, 1)
-    )
+    assert await h.admit("r2", [tpm, rpm, conc], now, now + MINUTE_MS) == AdmitResult(True, None, (30, 40, 1))
     assert await h.usage([tpm, rpm, conc]) == (30, 40, 1)
 
 
@@ -107,12 +132,12 @@ async def test_admit_charges_every_rule_or_none(h: Harness) -> None:
 async def test_denial_reports_the_first_denying_rule_and_current_usage(h: Harness) -> None:
     now = now_ms_()
     tpm, rpm, conc = h.counter("tpm", 100, 90), h.counter("rpm", 50, 10), h.slots(1)
-    assert (await h.store.admit(h.tag, "r1", [tpm, rpm, conc], now, now + MINUTE_MS)).used == (90, 10, 1)
+    assert (await h.admit("r1", [tpm, rpm, conc], now, now + MINUTE_MS)).used == (90, 10, 1)
 
     second = [replace(tpm, cost=5), replace(rpm, cost=41), conc]  # rpm and conc are both full
-    assert await h.store.admit(h.tag, "r2", second, now, now + MINUTE_MS) == AdmitResult(False, 1, (90, 10, 1))
+    assert await h.admit("r2", second, now, now + MINUTE_MS) == AdmitResult(False, 1, (90, 10, 1))
     third = [replace(tpm, cost=11), replace(rpm, cost=1), conc]
-    assert await h.store.admit(h.tag, "r3", third, now, now + MINUTE_MS) == AdmitResult(False, 0, (90, 10, 1))
+    assert await h.admit("r3", third, now, now + MINUTE_MS) == AdmitResult(False, 0, (90, 10, 1))
     assert await h.usage([tpm, rpm, conc]) == (90, 10, 1)
 
 
@@ -120,12 +145,10 @@ async def test_denial_reports_the_first_denying_rule_and_current_usage(h: Harnes
 async def test_zero_cost_never_denies_and_charges_nothing(h: Harness) -> None:
     now = now_ms_()
     full = h.counter("tpm", 10, 10)
-    assert (await h.store.admit(h.tag, "r1", [full], now, now + MINUTE_MS)).allowed
-    assert await h.store.admit(h.tag, "r2", [replace(full, cost=0)], now, now + MINUTE_MS) == AdmitResult(
-        True, None, (10,)
-    )
+    assert (await h.admit("r1", [full], now, now + MINUTE_MS)).allowed
+    assert await h.admit("r2", [replace(full, cost=0)], now, now + MINUTE_MS) == AdmitResult(True, None, (10,))
     fresh = h.counter("fresh", 10, 0)
-    assert (await h.store.admit(h.tag, "r3", [fresh], now, now + MINUTE_MS)).allowed
+    assert (await h.admit("r3", [fresh], now, now + MINUTE_MS)).allowed
     assert await h.exists("fresh") is not True
 
 
@@ -133,20 +156,20 @@ async def test_zero_cost_never_denies_and_charges_nothing(h: Harness) -> None:
 async def test_settle_applies_the_difference(h: Harness) -> None:
     now = now_ms_()
     rules = [h.counter("tpm", 1000, 100), h.counter("rpm", 10, 1), h.slots(2)]
-    await h.store.admit(h.tag, "short", rules, now, now + MINUTE_MS)
-    await h.store.admit(h.tag, "long", rules, now, now + MINUTE_MS)
+    await h.admit("short", rules, now, now + MINUTE_MS)
+    await h.admit("long", rules, now, now + MINUTE_MS)
     assert await h.usage(rules) == (200, 2, 2)
 
-    await h.store.settle(h.tag, "short", rules, [37, 1, 1])
+    await h.settle("short", rules, [37, 1, 1])
     assert await h.usage(rules) == (137, 2, 1)
-    await h.store.settle(h.tag, "long", rules, [150, 1, 1])  # more than reserved: the real cost still counts
+    await h.settle("long", rules, [150, 1, 1])  # more than reserved: the real cost still counts
     assert await h.usage(rules) == (187, 2, 0)
 
 
 @pytest.mark.asyncio
 async def test_settle_without_a_reservation_applies_the_actual_cost(h: Harness) -> None:
     rules = [h.counter("tpm", 1000, 100), h.counter("zero", 10, 1), h.slots(2)]
-    await h.store.settle(h.tag, "never-admitted", rules, [25, 0, 1])
+    await h.settle("never-admitted", rules, [25, 0, 1])
     assert await h.usage(rules) == (25, 0, 0)
     assert await h.exists("zero") is not True  # nothing to add: no key
     if h.db is not None:
@@ -157,19 +180,19 @@ async def test_settle_without_a_reservation_applies_the_actual_cost(h: Harness) 
 async def test_expired_reservation_is_released_on_the_next_admit(h: Harness) -> None:
     now = now_ms_()
     tpm, conc = h.counter("tpm", 1000, 100), h.slots(1)
-    assert (await h.store.admit(h.tag, "crashed", [tpm, conc], now, now + 10)).allowed
-    assert await h.store.admit(h.tag, "blocked", [replace(tpm, cost=5), conc], now + 5, now + MINUTE_MS) == (
+    assert (await h.admit("crashed", [tpm, conc], now, now + 10)).allowed
+    assert await h.admit("blocked", [replace(tpm, cost=5), conc], now + 5, now + MINUTE_MS) == (
         AdmitResult(False, 1, (100, 1))
     )
 
     later = now + 20
-    assert await h.store.admit(h.tag, "next", [replace(tpm, cost=5), conc], later, later + MINUTE_MS) == (
+    assert await h.admit("next", [replace(tpm, cost=5), conc], later, later + MINUTE_MS) == (
         AdmitResult(True, None, (5, 1))
     )
     # Its gateway comes back after all: no reservation left, so the real cost is added in full.
-    await h.store.settle(h.tag, "crashed", [tpm, conc], [40, 1])
+    await h.settle("crashed", [tpm, conc], [40, 1])
     assert await h.usage([tpm, conc], later) == (45, 1)
-    await h.store.settle(h.tag, "next", [replace(tpm, cost=5), conc], [5, 1])
+    await h.settle("next", [replace(tpm, cost=5), conc], [5, 1])
     assert await h.usage([tpm, conc], later) == (45, 0)
 
 
@@ -178,29 +201,30 @@ async def test_releases_per_admission_are_bounded(h: Harness) -> None:
     now = now_ms_()
     rpm = h.counter("rpm", 1000, 1)
     for i in range(150):
-        assert (await h.store.admit(h.tag, f"r{i}", [rpm], now, now + 1)).allowed
+        assert (await h.admit(f"r{i}", [rpm], now, now + 1)).allowed
     later = now + 10
-    assert (await h.store.admit(h.tag, "a", [rpm], later, later + MINUTE_MS)).used == (150 - 100 + 1,)
-    assert (await h.store.admit(h.tag, "b", [rpm], later, later + MINUTE_MS)).used == (51 - 50 + 1,)
+    assert (await h.admit("a", [rpm], later, later + MINUTE_MS)).used == (150 - 100 + 1,)
+    assert (await h.admit("b", [rpm], later, later + MINUTE_MS)).used == (51 - 50 + 1,)
 
 
 @pytest.mark.asyncio
 async def test_counters_never_go_negative_nor_reappear(h: Harness) -> None:
     t0 = now_ms_()
-    short = h.counter("tpm", 1000, 100, ttl_ms=100)
-    assert (await h.store.admit(h.tag, "old", [short], t0, t0 + MINUTE_MS)).allowed
-    assert (await h.store.admit(h.tag, "gone", [replace(short, key=h.key("gone"))], t0, t0 + 120)).allowed
+    short = h.counter("tpm", 1000, 100, ttl_ms=100, now_ms=t0)
+    gone = h.counter("gone", 1000, 100, ttl_ms=100, now_ms=t0)
+    assert (await h.admit("old", [short], t0, t0 + MINUTE_MS)).allowed
+    assert (await h.admit("gone", [gone], t0, t0 + 120)).allowed
     await asyncio.sleep(0.15)  # both counters' windows end; their keys go
 
     t1 = now_ms_()
-    fresh = replace(short, cost=5, ttl_ms=MINUTE_MS)
-    assert await h.store.admit(h.tag, "new", [fresh], t1, t1 + MINUTE_MS) == AdmitResult(True, None, (5,))
+    fresh = h.counter("tpm", 1000, 5, now_ms=t1)
+    assert await h.admit("new", [fresh], t1, t1 + MINUTE_MS) == AdmitResult(True, None, (5,))
     # "old" reserved 100 on the key before it expired: settling at 0 must stop at zero, not go to -95.
-    await h.store.settle(h.tag, "old", [short], [0])
+    await h.settle("old", [short], [0])
     assert await h.usage([fresh], t1) == (0,)
     # "gone" expired too: releasing it must not bring its key back as a negative count.
     assert await h.exists("gone") is not True
-    assert await h.usage([replace(short, key=h.key("gone"))], t1) == (0,)
+    assert await h.usage([gone], t1) == (0,)
     assert await h.exists("gone") is not True
 
 
@@ -209,22 +233,18 @@ async def test_concurrency_admits_up_to_the_limit_and_settle_frees_a_slot(h: Har
     now = now_ms_()
     conc = h.slots(3)
     for i in range(3):
-        assert await h.store.admit(h.tag, f"r{i}", [conc], now, now + MINUTE_MS) == AdmitResult(True, None, (i + 1,))
-    assert await h.store.admit(h.tag, "r3", [conc], now, now + MINUTE_MS) == AdmitResult(False, 0, (3,))
-    await h.store.settle(h.tag, "r1", [conc], [1])
-    assert await h.store.admit(h.tag, "r4", [conc], now, now + MINUTE_MS) == AdmitResult(True, None, (3,))
+        assert await h.admit(f"r{i}", [conc], now, now + MINUTE_MS) == AdmitResult(True, None, (i + 1,))
+    assert await h.admit("r3", [conc], now, now + MINUTE_MS) == AdmitResult(False, 0, (3,))
+    await h.settle("r1", [conc], [1])
+    assert await h.admit("r4", [conc], now, now + MINUTE_MS) == AdmitResult(True, None, (3,))
 
 
 @pytest.mark.asyncio
 async def test_concurrent_admissions_never_overshoot(h: Harness) -> None:
     now = now_ms_()
 
-    async def burst(rules: list[LimitRule], n: int = 200) -> list[AdmitResult]:
-        return list(
-            await asyncio.gather(
-                *(h.store.admit(h.tag, uuid.uuid4().hex, rules, now, now + MINUTE_MS) for _ in range(n))
-            )
-        )
+    async def burst(charges: list[Charge], n: int = 200) -> list[AdmitResult]:
+        return list(await asyncio.gather(*(h.admit(uuid.uuid4().hex, charges, now, now + MINUTE_MS) for _ in range(n))))
 
     rpm = h.counter("rpm", 50, 1)
     assert sum(r.allowed for r in await burst([rpm])) == 50
@@ -246,22 +266,51 @@ async def test_counts_beyond_fourteen_digits_stay_exact(h: Harness) -> None:
     # Lua prints numbers with 14 significant digits unless told otherwise.
     now, big = now_ms_(), 10**14
     tpmo = h.counter("tpmo", 10**15, big + 1)
-    assert (await h.store.admit(h.tag, "r1", [tpmo], now, now + MINUTE_MS)).used == (big + 1,)
-    await h.store.settle(h.tag, "r1", [tpmo], [big + 12_345])
+    assert (await h.admit("r1", [tpmo], now, now + MINUTE_MS)).used == (big + 1,)
+    await h.settle("r1", [tpmo], [big + 12_345])
     assert await h.usage([tpmo]) == (big + 12_345,)
 
-    assert (await h.store.admit(h.tag, "crashed", [replace(tpmo, cost=big + 1)], now, now + 1)).allowed
+    assert (await h.admit("crashed", [replace(tpmo, cost=big + 1)], now, now + 1)).allowed
     assert await h.usage([tpmo], now + 10) == (big + 12_345,)  # released: exactly what it had charged
 
     replayed = h.counter("replayed", 10**15, 1)
-    await h.store.settle(h.tag, "never-admitted", [replayed], [big + 3])
+    await h.settle("never-admitted", [replayed], [big + 3])
     assert await h.usage([replayed]) == (big + 3,)
 
 
 @pytest.mark.asyncio
 async def test_settle_needs_one_cost_per_rule(h: Harness) -> None:
     with pytest.raises(ValueError):
-        await h.store.settle(h.tag, "r1", [h.counter("tpm", 10, 1)], [1, 2])
+        await h.settle("r1", [h.counter("tpm", 10, 1)], [1, 2])
+
+
+@pytest.mark.asyncio
+async def test_settle_many_settles_a_batch_like_single_settles(h: Harness) -> None:
+    now = now_ms_()
+    rules = [h.counter("tpm", 1000, 100), h.counter("rpm", 10, 1), h.slots(3)]
+    for request_id in ("a", "b", "c"):
+        assert (await h.admit(request_id, rules, now, now + MINUTE_MS)).allowed
+    assert await h.usage(rules) == (300, 3, 3)
+
+    batch = [
+        h.settlement("a", rules, [10, 1, 1]),  # less than reserved
+        h.settlement("b", rules, [250, 1, 1]),  # more than reserved
+        h.settlement("c", rules, [0, 1, 1]),
+        h.settlement("never-admitted", rules, [40, 1, 1]),  # no reservation: the real cost in full
+    ]
+    assert await h.store.settle_many(batch) == [None, None, None, None]
+    assert await h.usage(rules) == (10 + 250 + 0 + 40, 4, 0)
+
+    # A malformed item fails alone: the items around it are still applied.
+    for request_id in ("d", "x", "e"):
+        assert (await h.admit(request_id, rules, now, now + MINUTE_MS)).allowed
+    assert await h.usage(rules) == (600, 7, 3)
+    outcomes = await h.store.settle_many(
+        [h.settlement("d", rules, [5, 1, 1]), h.settlement("x", rules, [1, 2]), h.settlement("e", rules, [7, 1, 1])]
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], ValueError)
+    assert await h.usage(rules) == (300 + 5 + 100 + 7, 7, 1)  # "x" keeps its reservation and its slot
 
 
 # --- RedisStore only --------------------------------------------------------------------------
@@ -280,25 +329,26 @@ async def test_redis_keys_share_the_hash_tag_and_all_expire(
 ) -> None:
     store, tag, now = RedisStore(redis_server.url), unique_tag(), now_ms_()
     rules = [
-        LimitRule(f"xp:{{{tag}}}:tpm:1", "counter", 100, 10, MINUTE_MS),
-        LimitRule(f"xp:{{{tag}}}:conc", "concurrency", 5, 1, 1000),
+        LimitRule(f"xp:{{{tag}}}:tpm:1", "counter", 100, now + MINUTE_MS),
+        LimitRule(f"xp:{{{tag}}}:conc", "concurrency", 5, 0),
     ]
     try:
-        assert (await store.admit(tag, "r1", rules, now, now + 10 * MINUTE_MS)).allowed
+        assert (await store.admit(tag, "r1", rules, [10, 1], now, now + 10 * MINUTE_MS)).allowed
         keys = sorted(text(k) for k in await redis_db.keys(f"*{tag}*"))
         assert keys == sorted(
             [f"xp:{{{tag}}}:tpm:1", f"xp:{{{tag}}}:conc", f"xp:{{{tag}}}:resv", f"xp:{{{tag}}}:resv:exp"]
         )
         for key in keys:
             assert await redis_db.pttl(key) > 0, key
-        assert 0 < await redis_db.pttl(f"xp:{{{tag}}}:tpm:1") <= MINUTE_MS
+        assert 0 < await redis_db.pttl(f"xp:{{{tag}}}:tpm:1") <= MINUTE_MS  # expires at now + MINUTE_MS
         assert await redis_db.pttl(f"xp:{{{tag}}}:conc") >= 10 * MINUTE_MS - 1000
 
         await store.settle(tag, "r1", rules, [7, 1])
         assert sorted(text(k) for k in await redis_db.keys(f"*{tag}*")) == [f"xp:{{{tag}}}:tpm:1"]
 
         with pytest.raises(ValueError, match="hash tag"):
-            await store.admit(tag, "r2", [LimitRule("xp:other:tpm", "counter", 1, 1, 1000)], now, now + 1000)
+            other = LimitRule("xp:other:tpm", "counter", 1, now + 1000)
+            await store.admit(tag, "r2", [other], [1], now, now + 1000)
     finally:
         await store.close()
 
@@ -308,11 +358,11 @@ async def test_redis_script_is_reloaded_after_script_flush(
     redis_server: RedisServer, redis_db: redis.asyncio.Redis
 ) -> None:
     store, tag, now = RedisStore(redis_server.url), unique_tag(), now_ms_()
-    rule = LimitRule(f"xp:{{{tag}}}:rpm", "counter", 10, 1, MINUTE_MS)
+    rule = LimitRule(f"xp:{{{tag}}}:rpm", "counter", 10, now + MINUTE_MS)
     try:
-        assert (await store.admit(tag, "r1", [rule], now, now + 1000)).allowed
+        assert (await store.admit(tag, "r1", [rule], [1], now, now + 1000)).allowed
         await redis_db.script_flush()  # as after a failover to a replica that never saw the script
-        assert (await store.admit(tag, "r2", [rule], now, now + 1000)).used == (2,)
+        assert (await store.admit(tag, "r2", [rule], [1], now, now + 1000)).used == (2,)
         await redis_db.script_flush()
         await store.settle(tag, "r2", [rule], [1])
         assert await store.ping()
@@ -321,12 +371,59 @@ async def test_redis_script_is_reloaded_after_script_flush(
 
 
 @pytest.mark.asyncio
-async def test_redis_burst_beyond_the_pool_waits_for_a_connection(redis_server: RedisServer) -> None:
-    store, tag, now = RedisStore(redis_server.url, timeout_s=2.0, max_connections=4), unique_tag(), now_ms_()
-    rule = LimitRule(f"xp:{{{tag}}}:rpm", "counter", 1000, 1, MINUTE_MS)
+async def test_redis_settle_many_after_script_flush_applies_every_item(
+    redis_server: RedisServer, redis_db: redis.asyncio.Redis
+) -> None:
+    store, tag, now = RedisStore(redis_server.url), unique_tag(), now_ms_()
+    rule = LimitRule(f"xp:{{{tag}}}:tpm", "counter", 1000, now + MINUTE_MS)
     try:
-        results = await asyncio.gather(*(store.admit(tag, f"r{i}", [rule], now, now + 1000) for i in range(100)))
+        for i in range(3):
+            assert (await store.admit(tag, f"r{i}", [rule], [100], now, now + MINUTE_MS)).allowed
+        await redis_db.script_flush()  # the pipeline's EVALSHAs all fail: the store must reload and apply them
+        outcomes = await store.settle_many([Settlement(tag, f"r{i}", [rule], [i + 1]) for i in range(3)])
+        assert outcomes == [None, None, None]
+        assert int(await redis_db.get(rule.key) or 0) == 1 + 2 + 3
+        assert await redis_db.hlen(f"xp:{{{tag}}}:resv") == 0
+
+        # Loaded again: the next batch goes through the pipeline as usual.
+        assert (await store.admit(tag, "r3", [rule], [100], now, now + MINUTE_MS)).allowed
+        assert await store.settle_many([Settlement(tag, "r3", [rule], [4])]) == [None]
+        assert int(await redis_db.get(rule.key) or 0) == 10
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_burst_beyond_the_pool_waits_for_a_connection(redis_server: RedisServer) -> None:
+    store, tag, now = RedisStore(redis_server.url, timeout_s=2.0), unique_tag(), now_ms_()
+    rule = LimitRule(f"xp:{{{tag}}}:rpm", "counter", 10_000, now + MINUTE_MS)
+    try:
+        # 1,000 admissions in one turn: eight pipelines at once, more than the pool's four connections.
+        results = await asyncio.gather(*(store.admit(tag, f"r{i}", [rule], [1], now, now + 1000) for i in range(1000)))
         assert all(r.allowed for r in results)
+        assert sorted(r.used[0] for r in results) == list(range(1, 1001))
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_admissions_of_one_turn_share_a_round_trip(redis_server: RedisServer) -> None:
+    store, tag, now = RedisStore(redis_server.url, timeout_s=2.0), unique_tag(), now_ms_()
+    pipelines: list[int] = []
+    original = store._pipeline
+
+    async def counting(commands: list[bytes]) -> list[Any]:
+        pipelines.append(len(commands))
+        return await original(commands)
+
+    store._pipeline = counting  # type: ignore[method-assign]
+    rule = LimitRule(f"xp:{{{tag}}}:rpm", "counter", 20, now + MINUTE_MS)
+    try:
+        results = await asyncio.gather(*(store.admit(tag, f"r{i}", [rule], [1], now, now + 1000) for i in range(30)))
+        assert [r.allowed for r in results].count(True) == 20  # still one atomic decision per request
+        assert pipelines == [30]
+        one = await store.admit(tag, "alone", [replace(rule, limit=100)], [1], now, now + 1000)
+        assert one.used == (21,) and pipelines == [30, 1]
     finally:
         await store.close()
 
@@ -336,14 +433,29 @@ async def test_unreachable_redis_is_store_unavailable_quickly() -> None:
     from extproc.stack import free_port
 
     store, now = RedisStore(f"redis://127.0.0.1:{free_port()}/0"), now_ms_()
-    rule = LimitRule("xp:{t}:rpm", "counter", 10, 1, MINUTE_MS)
+    rule = LimitRule("xp:{t}:rpm", "counter", 10, now + MINUTE_MS)
     started = time.monotonic()
     try:
         with pytest.raises(StoreUnavailable):
-            await store.admit("t", "r1", [rule], now, now + 1000)
+            await store.admit("t", "r1", [rule], [1], now, now + 1000)
         with pytest.raises(StoreUnavailable):
             await store.settle("t", "r1", [rule], [1])
         assert not await store.ping()
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.asyncio
+async def test_unreachable_redis_settle_many_is_store_unavailable_quickly() -> None:
+    from extproc.stack import free_port
+
+    store, now = RedisStore(f"redis://127.0.0.1:{free_port()}/0"), now_ms_()
+    rule = LimitRule("xp:{t}:rpm", "counter", 10, now + MINUTE_MS)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.settle_many([Settlement("t", f"r{i}", [rule], [1]) for i in range(3)])
     finally:
         await store.close()
     assert time.monotonic() - started < 1.0
@@ -357,22 +469,21 @@ async def test_memory_store_forgets_what_has_expired() -> None:
     store, now = MemoryStore(purge_every=100), now_ms_()
     for i in range(1000):
         rules = [
-            LimitRule(f"xp:{{t{i}}}:rpm", "counter", 10, 1, 1000),
-            LimitRule(f"xp:{{t{i}}}:c", "concurrency", 5, 1, 0),
+            LimitRule(f"xp:{{t{i}}}:rpm", "counter", 10, now + 1000),
+            LimitRule(f"xp:{{t{i}}}:c", "concurrency", 5, 0),
         ]
-        await store.admit(f"t{i}", f"r{i}", rules, now, now + 500)
+        await store.admit(f"t{i}", f"r{i}", rules, [1, 1], now, now + 500)
     assert store.size == 3000
     later = now + 10_000
     for i in range(100):
-        await store.admit(
-            "other", f"o{i}", [LimitRule("xp:{other}:rpm", "counter", 10**6, 1, MINUTE_MS)], later, later + 1
-        )
+        other = LimitRule("xp:{other}:rpm", "counter", 10**6, later + MINUTE_MS)
+        await store.admit("other", f"o{i}", [other], [1], later, later + 1)
     assert store.size <= 1 + 100  # one live counter, and at most the reservations of the last purge interval
 
     # Settled reservations leave their heap entries behind; the heap must not grow with traffic.
-    rule = LimitRule("xp:{busy}:rpm", "counter", 10**6, 1, MINUTE_MS)
+    rule = LimitRule("xp:{busy}:rpm", "counter", 10**6, later + MINUTE_MS)
     for i in range(5000):
-        await store.admit("busy", f"b{i}", [rule], later, later + 10 * MINUTE_MS)
+        await store.admit("busy", f"b{i}", [rule], [1], later, later + 10 * MINUTE_MS)
         await store.settle("busy", f"b{i}", [rule], [1])
     assert len(store._tags["busy"].expiry) < 200
 
@@ -387,33 +498,54 @@ class FlakyStore:
         self.inner = MemoryStore()
         self.down = False
         self.settled: list[str] = []
+        self.batches: list[int] = []  # items per settle_many call that reached the store
         self.settle_delays_s = settle_delays_s or {}
+        self.unavailable_once: set[str] = set()  # request ids answered "unavailable" in their slot, once
 
     async def admit(
-        self, tag: str, request_id: str, rules: list[LimitRule], now_ms: int, expires_at_ms: int
+        self, tag: str, request_id: str, rules: list[LimitRule], costs: list[int], now_ms: int, expires_at_ms: int
     ) -> AdmitResult:
         if self.down:
             raise StoreUnavailable("down")
-        return await self.inner.admit(tag, request_id, rules, now_ms, expires_at_ms)
+        return await self.inner.admit(tag, request_id, rules, costs, now_ms, expires_at_ms)
 
     async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
-        if request_id in self.settle_delays_s:
-            await asyncio.sleep(self.settle_delays_s[request_id])
+        (outcome,) = await self.settle_many([Settlement(tag, request_id, rules, actual)])
+        if outcome is not None:
+            raise outcome
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        # One exchange: slow as its slowest items together, and all or nothing when the store is down.
+        delay = sum(self.settle_delays_s.get(item.request_id, 0.0) for item in settlements)
+        if delay:
+            await asyncio.sleep(delay)
         if self.down:
             raise StoreUnavailable("down")
-        self.settled.append(request_id)
-        await self.inner.settle(tag, request_id, rules, actual)
+        self.batches.append(len(settlements))
+        refused = [item.request_id in self.unavailable_once for item in settlements]
+        self.unavailable_once -= {item.request_id for item in settlements}
+        written = await self.inner.settle_many([item for item, no in zip(settlements, refused, strict=True) if not no])
+        outcomes: list[BaseException | None] = [
+            StoreUnavailable("lost mid-batch") if no else written.pop(0) for no in refused
+        ]
+        self.settled += [
+            item.request_id for item, outcome in zip(settlements, outcomes, strict=True) if outcome is None
+        ]
+        return outcomes
 
     async def close(self) -> None:
         pass
 
 
-RPM = LimitRule("xp:{t}:rpm", "counter", 2, 1, MINUTE_MS)
+def rpm(limit: int = 2) -> LimitRule:
+    """The ResilientStore tests' requests-per-minute rule, its key expiring a minute from now."""
+    return LimitRule("xp:{t}:rpm", "counter", limit, now_ms_() + MINUTE_MS)
 
 
-async def admit_and_settle(store: QuotaStore, request_id: str, rules: list[LimitRule] = [RPM]) -> bool:  # noqa: B006
+async def admit_and_settle(store: QuotaStore, request_id: str, rules: list[LimitRule] | None = None) -> bool:
+    rules = rules if rules is not None else [rpm()]
     now = now_ms_()
-    allowed = (await store.admit("t", request_id, rules, now, now + MINUTE_MS)).allowed
+    allowed = (await store.admit("t", request_id, rules, [1] * len(rules), now, now + MINUTE_MS)).allowed
     if allowed:
         await store.settle("t", request_id, rules, [1] * len(rules))
     return allowed
@@ -431,7 +563,7 @@ async def test_redis_outage_fails_closed(outage_server: RedisServer) -> None:
     outage_server.stop()
     now = now_ms_()
     with pytest.raises(StoreUnavailable):
-        await store.admit("t", "r1", [RPM], now, now + 1000)
+        await store.admit("t", "r1", [rpm()], [1], now, now + 1000)
     assert store.fail_open_admissions == 0
     await store.close()
 
@@ -439,14 +571,17 @@ async def test_redis_outage_fails_closed(outage_server: RedisServer) -> None:
 @pytest.mark.asyncio
 async def test_redis_outage_fails_open_and_usage_reaches_redis_afterwards(outage_server: RedisServer) -> None:
     store = ResilientStore(RedisStore(outage_server.url, timeout_s=2.0), on_failure="open", retry_interval_s=60)
-    tpm = LimitRule("xp:{t}:tpm", "counter", 1000, 100, MINUTE_MS)
-    conc = LimitRule("xp:{t}:conc", "concurrency", 5, 1, 1000)
     now = now_ms_()
+    tpm = LimitRule("xp:{t}:tpm", "counter", 1000, now + MINUTE_MS)
+    conc = LimitRule("xp:{t}:conc", "concurrency", 5, 0)
+    costs = [100, 1]
     try:
-        assert (await store.admit("t", "before", [tpm, conc], now, now + MINUTE_MS)).allowed
+        assert (await store.admit("t", "before", [tpm, conc], costs, now, now + MINUTE_MS)).allowed
         outage_server.stop()  # saved: "before" keeps its reservation across the restart
 
-        assert await store.admit("t", "during", [tpm, conc], now, now + MINUTE_MS) == AdmitResult(True, None, (100, 1))
+        assert await store.admit("t", "during", [tpm, conc], costs, now, now + MINUTE_MS) == AdmitResult(
+            True, None, (100, 1)
+        )
         assert store.fail_open_admissions == 1
         await store.settle("t", "during", [tpm, conc], [30, 1])  # replayed later in full
         await store.settle("t", "before", [tpm, conc], [20, 1])  # its reservation is in Redis: the difference
@@ -472,12 +607,12 @@ async def test_fallback_enforces_limits_while_the_primary_is_down() -> None:
     primary.down = True
     store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
     now = now_ms_()
-    results = [await store.admit("t", f"r{i}", [RPM], now, now + MINUTE_MS) for i in range(3)]
+    results = [await store.admit("t", f"r{i}", [rpm()], [1], now, now + MINUTE_MS) for i in range(3)]
     assert [r.allowed for r in results] == [True, True, False]
     assert store.fail_open_admissions == 3
 
     # Settled locally too, so a slot taken during the outage is given back during the outage.
-    one_at_a_time = [LimitRule("xp:{t}:conc", "concurrency", 1, 1, 1000)]
+    one_at_a_time = [LimitRule("xp:{t}:conc", "concurrency", 1, 0)]
     assert await admit_and_settle(store, "c1", one_at_a_time)
     assert await admit_and_settle(store, "c2", one_at_a_time)
     await store.close()
@@ -498,7 +633,8 @@ async def test_queued_settlements_drain_in_the_background_once_the_primary_is_ba
             break
         await asyncio.sleep(0.01)
     assert primary.settled == ["r1"]
-    assert (await primary.inner.admit("t", "probe", [replace(RPM, limit=0)], now_ms_(), now_ms_() + 1)).used == (1,)
+    now = now_ms_()
+    assert (await primary.inner.admit("t", "probe", [rpm(limit=0)], [1], now, now + 1)).used == (1,)
     await store.close()
 
 
@@ -508,7 +644,7 @@ async def test_a_full_queue_drops_the_oldest() -> None:
     store = ResilientStore(primary, on_failure="open", max_pending=3, retry_interval_s=60)
     primary.down = True
     for i in range(5):
-        await admit_and_settle(store, f"r{i}", [replace(RPM, limit=100)])
+        await admit_and_settle(store, f"r{i}", [rpm(limit=100)])
     assert (store.pending, store.dropped_settlements) == (3, 2)
     primary.down = False
     assert await store.flush() == 3
@@ -521,9 +657,9 @@ async def test_settlement_failing_at_the_primary_is_queued_and_close_writes_it()
     primary = FlakyStore()
     store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
     now = now_ms_()
-    assert (await store.admit("t", "r1", [RPM], now, now + MINUTE_MS)).allowed
+    assert (await store.admit("t", "r1", [rpm()], [1], now, now + MINUTE_MS)).allowed
     primary.down = True
-    await store.settle("t", "r1", [RPM], [1])
+    await store.settle("t", "r1", [rpm()], [1])
     assert store.pending == 1 and store.fail_open_admissions == 0
     primary.down = False
     await store.close()
@@ -536,11 +672,29 @@ async def test_drains_run_one_at_a_time_in_order() -> None:
     store = ResilientStore(primary, on_failure="open", retry_interval_s=0.001)
     primary.down = True
     for i in range(5):
-        await admit_and_settle(store, f"r{i}", [replace(RPM, limit=100)])
+        await admit_and_settle(store, f"r{i}", [rpm(limit=100)])
     primary.down = False
     await asyncio.gather(store.flush(), store.flush(), asyncio.sleep(0.01))
     await store.flush()
     assert primary.settled == [f"r{i}" for i in range(5)]
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_flush_writes_a_long_queue_in_batches_in_order() -> None:
+    primary = FlakyStore()
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    primary.down = True
+    for i in range(300):  # more than one batch
+        assert await admit_and_settle(store, f"r{i}", [rpm(limit=1000)])
+    assert store.pending == 300
+    primary.down = False
+    assert await store.flush() == 300
+    assert store.pending == 0
+    assert primary.settled == [f"r{i}" for i in range(300)]
+    assert 1 < len(primary.batches) < 300 and sum(primary.batches) == 300  # batched, not one write per item
+    now = now_ms_()
+    assert (await primary.inner.admit("t", "probe", [rpm(limit=0)], [1], now, now + 1)).used == (300,)
     await store.close()
 
 
@@ -551,9 +705,25 @@ async def test_fail_open_warns_at_most_every_ten_seconds_without_keys(caplog: py
     store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
     with caplog.at_level(logging.WARNING, logger="extproc.quota"):
         for i in range(3):
-            await admit_and_settle(store, f"r{i}", [replace(RPM, limit=100)])
+            await admit_and_settle(store, f"r{i}", [rpm(limit=100)])
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "xp:" not in warnings[0].getMessage()
     primary.down = False
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_settlement_lost_mid_batch_is_kept_and_written_later() -> None:
+    primary = FlakyStore()
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    primary.down = True
+    for i in range(3):
+        assert await admit_and_settle(store, f"r{i}", [rpm(10)])
+    primary.down = False
+    primary.unavailable_once = {"r1"}  # e.g. the connection broke after the others were applied
+    assert await store.flush() == 2
+    assert store.pending == 1 and store.dropped_settlements == 0
+    assert await store.flush() == 1
+    assert primary.settled == ["r0", "r2", "r1"]
     await store.close()

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from extproc.quota.store import AdmitResult, LimitRule
+from extproc.quota.store import AdmitResult, LimitRule, Settlement
 
 # Expired reservations released per admission: bounds the latency one call can pay for others' crashes.
 MAX_RELEASES_PER_ADMIT = 100
@@ -25,7 +26,8 @@ class _Counter:
 @dataclass(slots=True)
 class _Reservation:
     expires_at_ms: int
-    charged: list[tuple[str, str, int]]  # (key, kind, cost)
+    rules: list[LimitRule]
+    charged: list[int]  # per rule: what the admission added (0 for concurrency and free rules)
 
 
 @dataclass(slots=True)
@@ -55,63 +57,98 @@ class MemoryStore:
         return len(self._counters) + len(self._slots) + sum(len(t.by_id) for t in self._tags.values())
 
     async def admit(
-        self, tag: str, request_id: str, rules: list[LimitRule], now_ms: int, expires_at_ms: int
+        self, tag: str, request_id: str, rules: list[LimitRule], costs: list[int], now_ms: int, expires_at_ms: int
+    ) -> AdmitResult:
+        return self.admit_now(tag, request_id, rules, costs, now_ms, expires_at_ms)
+
+    def admit_now(
+        self, tag: str, request_id: str, rules: list[LimitRule], costs: list[int], now_ms: int, expires_at_ms: int
     ) -> AdmitResult:
         self._tick(now_ms)
-        self._release_expired(tag, now_ms, MAX_RELEASES_PER_ADMIT)
+        reservations = self._tags.get(tag)
+        if reservations is None:
+            reservations = self._tags[tag] = _TagReservations()
+        elif reservations.expiry and reservations.expiry[0][0] <= now_ms:
+            self._release_expired(tag, now_ms, MAX_RELEASES_PER_ADMIT)
         used: list[int] = []
+        counters: list[_Counter | None] = []
         denied: int | None = None
         for index, rule in enumerate(rules):
             if rule.kind == "counter":
                 counter = self._counter(rule.key, now_ms)
+                counters.append(counter)
                 current = 0 if counter is None else counter.value
-                if denied is None and rule.cost > 0 and current + rule.cost > rule.limit:
+                cost = costs[index]
+                if denied is None and cost > 0 and current + cost > rule.limit:
                     denied = index
             else:
-                current = len(self._live_slots(rule.key, now_ms))
+                counters.append(None)
+                current = self._slot_count(rule.key, rule.limit, now_ms)
                 if denied is None and current + 1 > rule.limit:
                     denied = index
             used.append(current)
         if denied is not None:
             return AdmitResult(False, denied, tuple(used))
 
-        charged: list[tuple[str, str, int]] = []
+        charged = [0] * len(rules)
         for index, rule in enumerate(rules):
             if rule.kind == "counter":
-                if rule.cost <= 0:
+                cost = costs[index]
+                if cost <= 0:
                     continue
-                counter = self._counter(rule.key, now_ms)
+                counter = counters[index]
                 if counter is None:
-                    counter = self._counters[rule.key] = _Counter(0, now_ms + max(rule.ttl_ms, 1))
-                counter.value += rule.cost
+                    counter = self._counters[rule.key] = _Counter(0, max(rule.expires_at_ms, now_ms + 1))
+                counter.value += cost
                 used[index] = counter.value
-                charged.append((rule.key, "counter", rule.cost))
+                charged[index] = cost
             else:
-                slots = self._slots.setdefault(rule.key, {})
+                slots = self._slots.get(rule.key)
+                if slots is None:
+                    slots = self._slots[rule.key] = {}
                 slots[request_id] = expires_at_ms
                 used[index] = len(slots)
-                charged.append((rule.key, "concurrency", 0))
-        reservations = self._tags.setdefault(tag, _TagReservations())
-        reservations.by_id[request_id] = _Reservation(expires_at_ms, charged)
+        reservations.by_id[request_id] = _Reservation(expires_at_ms, rules, charged)
         heapq.heappush(reservations.expiry, (expires_at_ms, request_id))
         return AdmitResult(True, None, tuple(used))
 
     async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
+        self.settle_now(tag, request_id, rules, actual, int(time.time() * 1000))
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        now_ms = int(time.time() * 1000)
+        outcomes: list[BaseException | None] = []
+        for item in settlements:
+            try:
+                self.settle_now(*item, now_ms)
+            except ValueError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    def settle_now(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int], now_ms: int) -> None:
         if len(actual) != len(rules):
             raise ValueError(f"settle got {len(actual)} costs for {len(rules)} rules")
-        now_ms = int(time.time() * 1000)
         self._tick(now_ms)
-        reserved: dict[str, int] = {}
         reservations = self._tags.get(tag)
         reservation = reservations.by_id.pop(request_id, None) if reservations is not None else None
+        if reservation is not None and reservation.rules is rules:  # the planner's shared list: rule by rule
+            for rule, cost, charged in zip(rules, actual, reservation.charged, strict=True):
+                if rule.kind == "counter":
+                    self._add(rule.key, cost - charged, rule.expires_at_ms, now_ms)
+                else:
+                    self._leave(rule.key, request_id)
+            return
+        reserved: dict[str, int] = {}
         if reservation is not None:
-            for key, kind, cost in reservation.charged:
-                if kind == "counter":
-                    reserved[key] = reserved.get(key, 0) + cost
+            for rule, charged in zip(reservation.rules, reservation.charged, strict=True):
+                if rule.kind == "counter":
+                    reserved[rule.key] = reserved.get(rule.key, 0) + charged
         for rule, cost in zip(rules, actual, strict=True):
             if rule.kind == "counter":
                 # pop: a key named by two rules has its reservation taken back once.
-                self._add(rule.key, cost - reserved.pop(rule.key, 0), rule.ttl_ms, now_ms)
+                self._add(rule.key, cost - reserved.pop(rule.key, 0), rule.expires_at_ms, now_ms)
             else:
                 self._leave(rule.key, request_id)
 
@@ -146,6 +183,15 @@ class MemoryStore:
             return None
         return counter
 
+    def _slot_count(self, key: str, limit: int, now_ms: int) -> int:
+        """Live slots of a key; expired ones are swept only when they could change the answer."""
+        slots = self._slots.get(key)
+        if slots is None:
+            return 0
+        if len(slots) < limit:
+            return len(slots)  # even counting the expired ones there is room
+        return len(self._live_slots(key, now_ms))
+
     def _live_slots(self, key: str, now_ms: int) -> dict[str, int]:
         slots = self._slots.get(key)
         if slots is None:
@@ -163,14 +209,14 @@ class MemoryStore:
             if not slots:
                 del self._slots[key]
 
-    def _add(self, key: str, delta: int, ttl_ms: int, now_ms: int) -> None:
+    def _add(self, key: str, delta: int, expires_at_ms: int, now_ms: int) -> None:
         """Move a counter by delta: never below zero, and never create it by subtracting."""
         if delta == 0:
             return
         counter = self._counter(key, now_ms)
         if counter is None:
             if delta > 0:
-                self._counters[key] = _Counter(delta, now_ms + max(ttl_ms, 1))
+                self._counters[key] = _Counter(delta, max(expires_at_ms, now_ms + 1))
             return
         counter.value = max(counter.value + delta, 0)
 
@@ -188,9 +234,9 @@ class MemoryStore:
                 continue
             del reservations.by_id[request_id]
             released += 1
-            for key, kind, cost in reservation.charged:
-                if kind == "counter":
-                    self._add(key, -cost, 0, now_ms)
+            for rule, charged in zip(reservation.rules, reservation.charged, strict=True):
+                if rule.kind == "counter":
+                    self._add(rule.key, -charged, 0, now_ms)
                 else:
-                    self._leave(key, request_id)
+                    self._leave(rule.key, request_id)
         reservations.compact()

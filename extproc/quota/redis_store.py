@@ -13,30 +13,17 @@ in the slot of the keys that are declared: Redis Cluster executes this, which is
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import (
-    ClusterDownError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
-from redis.exceptions import (
-    TimeoutError as RedisTimeoutError,
-)
 
 from extproc.quota.memory import MAX_RELEASES_PER_ADMIT
-from extproc.quota.store import AdmitResult, LimitRule, StoreUnavailable
+from extproc.quota.resp import ReplyError, RespConnection, RespUnavailable, bulk, pack
+from extproc.quota.store import AdmitResult, LimitRule, Settlement, StoreUnavailable
 
 # Reservation bookkeeping outlives what it describes by this much, so a late settlement still finds it.
 _SLACK_MS = 60_000
@@ -52,11 +39,15 @@ local function keep(key, ms)
 end
 
 -- Move a counter by delta, never below zero, never creating it by subtracting.
-local function add(key, delta, ttl)
+-- expires_at: when a counter created here goes (a time already past creates nothing lasting).
+local function add(key, delta, expires_at)
   if delta == 0 then return end
   local cur = redis.call('GET', key)
   if not cur then
-    if delta > 0 then redis.call('SET', key, int(delta), 'PX', int(math.max(ttl, 1))) end
+    if delta > 0 then
+      redis.call('SET', key, int(delta))
+      redis.call('PEXPIREAT', key, int(expires_at))
+    end
     return
   end
   cur = tonumber(cur)
@@ -66,16 +57,19 @@ end
 """
 
 # KEYS: resv hash, resv expiry zset, then one key per rule.
-# ARGV: request_id, now_ms, expires_at_ms, max_releases, record (JSON), record_ttl_ms,
-#       then per rule: kind ('c' counter | 'z' concurrency), limit, cost, ttl_ms.
+# ARGV: rules (JSON [[kind 'c' counter | 'z' concurrency, limit, counter expires_at_ms], ...]), max_releases,
+#       request_id, now_ms, expires_at_ms, record (JSON), record_ttl_ms, costs (comma-separated, one per rule).
+# The first two are the same for every request of a caller within a window, so the client sends them prebuilt.
 _ADMIT_LUA = (
     _LUA_COMMON
     + """
 local resv, resv_exp = KEYS[1], KEYS[2]
-local rid, now, expires_at = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local rules, max_releases = cjson.decode(ARGV[1]), tonumber(ARGV[2])
+local rid, now, expires_at = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local costs = cjson.decode('[' .. ARGV[8] .. ']')
 local n = #KEYS - 2
 
-local expired = redis.call('ZRANGEBYSCORE', resv_exp, '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
+local expired = redis.call('ZRANGEBYSCORE', resv_exp, '-inf', ARGV[4], 'LIMIT', 0, max_releases)
 for _, old in ipairs(expired) do
   local rec = redis.call('HGET', resv, old)
   if rec then
@@ -90,47 +84,46 @@ if #expired > 0 then redis.call('ZREM', resv_exp, unpack(expired)) end
 -- Decide before writing anything: an error or a denial must leave no partial charge behind.
 local used, denied = {}, -1
 for i = 1, n do
-  local key, a = KEYS[i + 2], 6 + (i - 1) * 4
-  local limit = tonumber(ARGV[a + 2])
-  if ARGV[a + 1] == 'c' then
-    local cost = tonumber(ARGV[a + 3])
+  local key, rule, cost = KEYS[i + 2], rules[i], costs[i]
+  if rule[1] == 'c' then
     used[i] = tonumber(redis.call('GET', key) or '0')
-    if denied < 0 and cost > 0 and used[i] + cost > limit then denied = i - 1 end
+    if denied < 0 and cost > 0 and used[i] + cost > rule[2] then denied = i - 1 end
   else
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[2])
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[4])
     used[i] = redis.call('ZCARD', key)
-    if denied < 0 and used[i] + 1 > limit then denied = i - 1 end
+    if denied < 0 and used[i] + 1 > rule[2] then denied = i - 1 end
   end
 end
 if denied >= 0 then return {0, denied, unpack(used)} end
 
 for i = 1, n do
-  local key, a = KEYS[i + 2], 6 + (i - 1) * 4
-  if ARGV[a + 1] == 'c' then
-    if tonumber(ARGV[a + 3]) > 0 then
-      used[i] = redis.call('INCRBY', key, ARGV[a + 3])
-      if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[a + 4]) end
+  local key, rule, cost = KEYS[i + 2], rules[i], costs[i]
+  if rule[1] == 'c' then
+    if cost > 0 then
+      used[i] = redis.call('INCRBY', key, int(cost))
+      if redis.call('PTTL', key) == -1 then redis.call('PEXPIREAT', key, int(rule[3])) end
     end
   else
-    redis.call('ZADD', key, ARGV[3], rid)
+    redis.call('ZADD', key, ARGV[5], rid)
     used[i] = redis.call('ZCARD', key)
     keep(key, math.max(expires_at - now, 0) + SLACK_MS)
   end
 end
-redis.call('HSET', resv, rid, ARGV[5])
-redis.call('ZADD', resv_exp, ARGV[3], rid)
-keep(resv, tonumber(ARGV[6]))
-keep(resv_exp, tonumber(ARGV[6]))
+redis.call('HSET', resv, rid, ARGV[6])
+redis.call('ZADD', resv_exp, ARGV[5], rid)
+keep(resv, tonumber(ARGV[7]))
+keep(resv_exp, tonumber(ARGV[7]))
 return {1, -1, unpack(used)}
 """
 ).replace("SLACK_MS", str(_SLACK_MS))
 
 # KEYS: resv hash, resv expiry zset, then one key per rule.
-# ARGV: request_id, then per rule: kind ('c' | 'z'), actual cost, ttl_ms.
+# ARGV: rules (JSON, as for admission), request_id, actual costs (comma-separated, one per rule).
 _SETTLE_LUA = (
     _LUA_COMMON
     + """
-local rid = ARGV[1]
+local rules, rid = cjson.decode(ARGV[1]), ARGV[2]
+local actual = cjson.decode('[' .. ARGV[3] .. ']')
 local reserved = {}
 local rec = redis.call('HGET', KEYS[1], rid)
 if rec then
@@ -141,12 +134,12 @@ if rec then
   redis.call('ZREM', KEYS[2], rid)
 end
 for i = 1, #KEYS - 2 do
-  local key, a = KEYS[i + 2], 1 + (i - 1) * 3
-  if ARGV[a + 1] == 'c' then
+  local key, rule = KEYS[i + 2], rules[i]
+  if rule[1] == 'c' then
     -- Zeroed once used: a key named by two rules has its reservation taken back once.
     local r = reserved[key] or 0
     reserved[key] = 0
-    add(key, tonumber(ARGV[a + 2]) - r, tonumber(ARGV[a + 3]))
+    add(key, actual[i] - r, rule[3])
   else
     redis.call('ZREM', key, rid)
   end
@@ -156,16 +149,47 @@ return 0
 """
 )
 
-# Failures that mean "the store cannot take this now" rather than "this call is wrong": the policy decides.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    RedisConnectionError,  # includes refused/reset, auth, LOADING, pool exhaustion
-    RedisTimeoutError,
-    OSError,
-    ReadOnlyError,  # connected to a demoted primary during failover
-    OutOfMemoryError,  # maxmemory reached with noeviction
-    ClusterDownError,
-    TryAgainError,
+# Error replies that mean "the store cannot take this now" rather than "this call is wrong": the policy decides.
+_UNAVAILABLE_REPLIES = (
+    "BUSY",  # a long script elsewhere blocks the server: as good as down for our deadline
+    "LOADING",  # restarting, still reading its dataset
+    "READONLY",  # connected to a demoted primary during failover
+    "MASTERDOWN",
+    "OOM",  # maxmemory reached with noeviction
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "NOREPLICAS",
 )
+_PIPELINE_MAX = 128  # calls per pipeline; a bigger burst goes out as several pipelines at once
+_Call = bytes  # one packed EVALSHA command
+_PREFIX_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Prefixes:
+    rules: list[LimitRule]
+    admit: bytes  # array header, EVALSHA, sha, KEYS, rules JSON, max releases
+    settle: bytes  # array header, EVALSHA, sha, KEYS, rules JSON
+    last_counter_expiry_ms: int
+
+
+def _bulks(*args: bytes) -> bytes:
+    """RESP bulk strings; the array header comes with the command's cached prefix."""
+    return b"".join([bulk(arg) for arg in args])
+
+
+def _as_unavailable(reply: Any) -> Any:
+    if isinstance(reply, ReplyError) and str(reply).startswith(_UNAVAILABLE_REPLIES):
+        return StoreUnavailable(f"Redis answered: {reply}")
+    return reply
+
+
+def _script_missing(reply: Any) -> bool:
+    return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
+
+
+def _sha1(script: str) -> bytes:
+    return hashlib.sha1(script.encode()).hexdigest().encode()
 
 
 def _kind(rule: LimitRule) -> str:
@@ -173,67 +197,164 @@ def _kind(rule: LimitRule) -> str:
 
 
 class RedisStore:
-    def __init__(self, url: str, *, timeout_s: float = 0.25, max_connections: int = 64) -> None:
-        # A blocking pool: a burst beyond max_connections waits for a connection instead of failing at once
-        # (the default pool raises "Too many connections", which would look like an outage). timeout_s bounds
-        # each wait, for a connection as for a reply: a store slower than that is unavailable to us.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            decode_responses=False,
-            # No client-side retries: admission is not idempotent, and the caller has its own fallback.
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_pool(pool)
-        self._admit_script = self._redis.register_script(_ADMIT_LUA)
-        self._settle_script = self._redis.register_script(_SETTLE_LUA)
+    def __init__(self, url: str, *, timeout_s: float = 0.25) -> None:
+        # timeout_s bounds connecting and every reply: a store slower than that is unavailable to us.
+        # No retries here: admission is not idempotent, and the caller has its own fallback.
+        self._redis = RespConnection(url, timeout_s=timeout_s)
+        self._admit_sha = _sha1(_ADMIT_LUA)
+        self._settle_sha = _sha1(_SETTLE_LUA)
+        self._admissions: list[tuple[_Call, asyncio.Future[Any]]] = []  # waiting for this turn's pipeline
+        self._admissions_scheduled = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._prefix_cache: dict[tuple[str, int], _Prefixes] = {}
 
     async def admit(
-        self, tag: str, request_id: str, rules: list[LimitRule], now_ms: int, expires_at_ms: int
+        self, tag: str, request_id: str, rules: list[LimitRule], costs: list[int], now_ms: int, expires_at_ms: int
     ) -> AdmitResult:
+        """Admissions made in the same event-loop turn share one pipeline: one round trip for all."""
         if not rules:
             return AdmitResult(True, None, ())
-        record = orjson.dumps(
-            [[r.key, "c", r.cost] for r in rules if r.kind == "counter" and r.cost > 0]
-            + [[r.key, "z", 0] for r in rules if r.kind == "concurrency"]
-        )
-        longest_counter = max((r.ttl_ms for r in rules if r.kind == "counter"), default=0)
-        record_ttl_ms = max(expires_at_ms - now_ms, longest_counter, 0) + _SLACK_MS
-        args: list[str | int | bytes] = [
-            request_id,
-            now_ms,
-            expires_at_ms,
-            MAX_RELEASES_PER_ADMIT,
-            record,
-            record_ttl_ms,
-        ]
-        for rule in rules:
-            args += [_kind(rule), rule.limit, rule.cost, rule.ttl_ms]
-        reply = await self._call(self._admit_script, self._keys(tag, rules), args)
-        allowed, denied, *used = (int(v) for v in reply)
+        call = self._admit_call(tag, request_id, rules, costs, now_ms, expires_at_ms)
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        self._admissions.append((call, reply))
+        if not self._admissions_scheduled:
+            self._admissions_scheduled = True
+            loop.call_soon(self._send_admissions)
+        allowed, denied, *used = (int(v) for v in await reply)
         return AdmitResult(bool(allowed), None if denied < 0 else denied, tuple(used))
 
+    def _admit_call(
+        self, tag: str, request_id: str, rules: list[LimitRule], costs: list[int], now_ms: int, expires_at_ms: int
+    ) -> bytes:
+        record = orjson.dumps(
+            [[r.key, "c", cost] for r, cost in zip(rules, costs, strict=True) if r.kind == "counter" and cost > 0]
+            + [[r.key, "z", 0] for r in rules if r.kind == "concurrency"]
+        )
+        prefix = self._prefixes(tag, rules)
+        last_counter_expiry = prefix.last_counter_expiry_ms
+        record_ttl_ms = max(max(expires_at_ms, last_counter_expiry) - now_ms + _SLACK_MS, _SLACK_MS)
+        return prefix.admit + _bulks(
+            request_id.encode(),
+            b"%d" % now_ms,
+            b"%d" % expires_at_ms,
+            record,
+            b"%d" % record_ttl_ms,
+            b",".join(b"%d" % cost for cost in costs),
+        )
+
+    def _send_admissions(self) -> None:
+        self._admissions_scheduled = False
+        pending, self._admissions = self._admissions, []
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(pending), _PIPELINE_MAX):
+            task = loop.create_task(self._run_admissions(pending[start : start + _PIPELINE_MAX]))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _run_admissions(self, batch: list[tuple[_Call, asyncio.Future[Any]]]) -> None:
+        try:
+            replies = await self._execute(_ADMIT_LUA, [call for call, _ in batch])
+        except BaseException as exc:  # StoreUnavailable, or cancelled at shutdown: every caller must hear of it
+            failure = exc if isinstance(exc, Exception) else StoreUnavailable("the store client was shut down")
+            for _, reply in batch:
+                if not reply.done():
+                    reply.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, reply), result in zip(batch, replies, strict=True):
+            if reply.done():  # the caller gave up (its stream ended); the reservation expires on its own
+                continue
+            if isinstance(result, BaseException):
+                reply.set_exception(result)
+            else:
+                reply.set_result(result)
+
     async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
+        (outcome,) = await self.settle_many([Settlement(tag, request_id, rules, actual)])
+        if outcome is not None:
+            raise outcome
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        """Every settlement of the batch in one pipeline: one round trip, not one per request."""
+        outcomes: list[BaseException | None] = [None] * len(settlements)
+        calls: list[bytes] = []
+        sent: list[int] = []
+        for index, item in enumerate(settlements):
+            if not item.rules:
+                continue
+            try:
+                calls.append(self._settle_call(*item))
+            except ValueError as exc:
+                outcomes[index] = exc
+                continue
+            sent.append(index)
+        if calls:
+            replies = await self._execute(_SETTLE_LUA, calls)
+            for index, reply in zip(sent, replies, strict=True):
+                if isinstance(reply, BaseException):
+                    outcomes[index] = reply
+        return outcomes
+
+    async def _execute(self, source: str, calls: list[bytes]) -> list[Any]:
+        """EVALSHA each call in one pipeline; per call, its reply or the error it met.
+
+        Raises StoreUnavailable when Redis could not be reached or stopped answering. Error replies
+        that mean "not now" (BUSY, LOADING, READONLY, ...) count as unavailable per call. Calls that
+        found the script missing (restart, SCRIPT FLUSH) ran nothing: the script is loaded and they
+        are sent again; other calls of the batch may have been applied already, so from there a
+        failure is reported per call, never raised.
+        """
+        replies = await self._pipeline(calls)
+        lost = [i for i, reply in enumerate(replies) if _script_missing(reply)]
+        if lost:
+            try:
+                again = await self._pipeline([pack(b"SCRIPT", b"LOAD", source.encode()), *(calls[i] for i in lost)])
+                again = again[1:]
+            except StoreUnavailable as exc:
+                again = [exc] * len(lost)
+            for i, reply in zip(lost, again, strict=True):
+                replies[i] = reply
+        return [_as_unavailable(reply) for reply in replies]
+
+    async def _pipeline(self, commands: list[bytes]) -> list[Any]:
+        try:
+            return await self._redis.execute(commands)
+        except RespUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from None
+
+    def _settle_call(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> bytes:
         if len(actual) != len(rules):
             raise ValueError(f"settle got {len(actual)} costs for {len(rules)} rules")
-        if not rules:
-            return
-        args: list[str | int | bytes] = [request_id]
-        for rule, cost in zip(rules, actual, strict=True):
-            args += [_kind(rule), cost, rule.ttl_ms]
-        await self._call(self._settle_script, self._keys(tag, rules), args)
+        return self._prefixes(tag, rules).settle + _bulks(
+            request_id.encode(), b",".join(b"%d" % cost for cost in actual)
+        )
+
+    def _prefixes(self, tag: str, rules: list[LimitRule]) -> _Prefixes:
+        """The packed start of this caller's commands: script, keys and rules, the same all window long."""
+        cached = self._prefix_cache.get((tag, id(rules)))
+        if cached is not None and cached.rules is rules:  # holding the list keeps its id from being reused
+            return cached
+        keys = [key.encode() for key in self._keys(tag, rules)]
+        rules_json = orjson.dumps([[_kind(r), r.limit, r.expires_at_ms if r.kind == "counter" else 0] for r in rules])
+        head = [str(len(keys)).encode(), *keys, rules_json]
+        admit = b"*%d\r\n" % (3 + len(keys) + 1 + 1 + 6) + _bulks(
+            b"EVALSHA", self._admit_sha, *head, b"%d" % MAX_RELEASES_PER_ADMIT
+        )
+        settle = b"*%d\r\n" % (3 + len(keys) + 1 + 2) + _bulks(b"EVALSHA", self._settle_sha, *head)
+        counters = [r.expires_at_ms for r in rules if r.kind == "counter"]
+        prefixes = _Prefixes(rules, admit, settle, max(counters, default=0))
+        if len(self._prefix_cache) >= _PREFIX_CACHE_MAX:
+            self._prefix_cache.clear()
+        self._prefix_cache[(tag, id(rules))] = prefixes
+        return prefixes
 
     async def ping(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except (RedisError, OSError):
-            return False
+        return await self._redis.ping()
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.close()
 
     @staticmethod
     def _keys(tag: str, rules: list[LimitRule]) -> list[str]:
@@ -244,15 +365,3 @@ class RedisStore:
                 raise ValueError(f"quota key without the hash tag {hash_tag}")
         prefix = rules[0].key.partition(hash_tag)[0]
         return [f"{prefix}{hash_tag}:resv", f"{prefix}{hash_tag}:resv:exp", *(r.key for r in rules)]
-
-    @staticmethod
-    async def _call(script: AsyncScript, keys: list[str], args: list[str | int | bytes]) -> Any:
-        try:
-            return await script(keys=keys, args=args)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except ResponseError as exc:
-            # A long script elsewhere blocks the server: as good as down for our deadline.
-            if str(exc).startswith("BUSY"):
-                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-            raise

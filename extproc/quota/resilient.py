@@ -15,11 +15,12 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Literal
 
 from extproc import metrics
 from extproc.quota.memory import MemoryStore
-from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, StoreUnavailable
+from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, Settlement, StoreUnavailable
 
 log = logging.getLogger("extproc.quota")
 
@@ -28,7 +29,11 @@ _WARN_EVERY_S = 10.0
 # Forgetting is harmless: its settlement then goes to the primary, which applies the real cost.
 _FORGET_AFTER_MS = 60_000
 
-_Settlement = tuple[str, str, list[LimitRule], list[int]]  # tag, request_id, rules, actual
+_FLUSH_BATCH = 256  # queued settlements written per round trip when the primary is back
+
+
+def _retryable(outcome: BaseException | None) -> bool:
+    return isinstance(outcome, StoreUnavailable)
 
 
 class ResilientStore:
@@ -48,7 +53,7 @@ class ResilientStore:
         self.retry_interval_s = retry_interval_s
         self.fail_open_admissions = 0
         self.dropped_settlements = 0
-        self._queue: deque[_Settlement] = deque()
+        self._queue: deque[Settlement] = deque()
         self._local: dict[str, int] = {}  # request_id admitted by the fallback -> its expires_at_ms
         self._next_forget_ms = 0
         self._drain_lock = asyncio.Lock()
@@ -63,20 +68,20 @@ class ResilientStore:
         return len(self._queue)
 
     async def admit(
-        self, tag: str, request_id: str, rules: list[LimitRule], now_ms: int, expires_at_ms: int
+        self, tag: str, request_id: str, rules: list[LimitRule], costs: list[int], now_ms: int, expires_at_ms: int
     ) -> AdmitResult:
         failure: StoreUnavailable
         if time.monotonic() < self._primary_down_until:
             failure = StoreUnavailable("unavailable moments ago; retrying shortly")
         else:
             try:
-                return await self.primary.admit(tag, request_id, rules, now_ms, expires_at_ms)
+                return await self.primary.admit(tag, request_id, rules, costs, now_ms, expires_at_ms)
             except StoreUnavailable as exc:
                 self._primary_down_until = time.monotonic() + self.retry_interval_s
                 failure = exc
         if self.on_failure == "closed":
             raise failure
-        result = await self.fallback.admit(tag, request_id, rules, now_ms, expires_at_ms)
+        result = await self.fallback.admit(tag, request_id, rules, costs, now_ms, expires_at_ms)
         self.fail_open_admissions += 1
         metrics.QUOTA_FAIL_OPEN.inc()
         if result.allowed:
@@ -94,18 +99,42 @@ class ResilientStore:
         return result
 
     async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
-        if self._local.pop(request_id, None) is not None:
-            self._enqueue((tag, request_id, rules, actual))
-            await self.fallback.settle(tag, request_id, rules, actual)
-            return
+        (outcome,) = await self.settle_many([Settlement(tag, request_id, rules, actual)])
+        if outcome is not None:
+            raise outcome
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        outcomes: list[BaseException | None] = [None] * len(settlements)
+        for_primary: list[int] = []
+        for index, item in enumerate(settlements):
+            if self._local.pop(item.request_id, None) is not None:
+                # Admitted locally during an outage: the fallback gives the slot back now, the
+                # primary gets the real cost when it answers again.
+                self._enqueue(item)
+                await self.fallback.settle(*item)
+            else:
+                for_primary.append(index)
+        if not for_primary:
+            return outcomes
+        batch = [settlements[i] for i in for_primary]
         if time.monotonic() < self._primary_down_until:
-            self._enqueue((tag, request_id, rules, actual))
-            return
+            for item in batch:
+                self._enqueue(item)
+            return outcomes
         try:
-            await self.primary.settle(tag, request_id, rules, actual)
+            results = await self.primary.settle_many(batch)
         except StoreUnavailable:
             self._primary_down_until = time.monotonic() + self.retry_interval_s
-            self._enqueue((tag, request_id, rules, actual))
+            for item in batch:
+                self._enqueue(item)
+            return outcomes
+        for index, result in zip(for_primary, results, strict=True):
+            if _retryable(result):
+                self._primary_down_until = time.monotonic() + self.retry_interval_s
+                self._enqueue(settlements[index])
+            else:
+                outcomes[index] = result
+        return outcomes
 
     async def start(self) -> None:
         """Start retrying queued settlements now rather than on the next one queued."""
@@ -116,22 +145,31 @@ class ResilientStore:
         async with self._drain_lock:
             written = 0
             while self._queue:
-                settlement = self._queue.popleft()
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), _FLUSH_BATCH))]
                 try:
-                    await self.primary.settle(*settlement)
+                    results = await self.primary.settle_many(batch)
                 except StoreUnavailable:
-                    self._requeue(settlement)
+                    self._requeue(batch)
                     break
                 except asyncio.CancelledError:
                     # Cancelled mid-write: it may or may not have landed; keep it rather than lose it.
-                    self._requeue(settlement)
+                    self._requeue(batch)
                     raise
                 except Exception:
-                    # A settlement the primary rejects for good must not block all the others behind it.
-                    self.dropped_settlements += 1
-                    log.exception("quota store rejected a queued settlement; dropped it")
-                else:
-                    written += 1
+                    log.exception("writing queued quota settlements failed; keeping them for the next retry")
+                    self._requeue(batch)
+                    break
+                unwritten = [item for item, result in zip(batch, results, strict=True) if _retryable(result)]
+                for result in results:
+                    if result is None:
+                        written += 1
+                    elif not _retryable(result):
+                        # A settlement the primary rejects for good must not block all the others behind it.
+                        self.dropped_settlements += 1
+                        log.error("quota store rejected a queued settlement; dropped it: %s", result)
+                if unwritten:
+                    self._requeue(unwritten)
+                    break
             return written
 
     async def close(self) -> None:
@@ -148,14 +186,14 @@ class ResilientStore:
         await self.primary.close()
         await self.fallback.close()
 
-    def _enqueue(self, settlement: _Settlement) -> None:
+    def _enqueue(self, settlement: Settlement) -> None:
         self._queue.append(settlement)
         self._trim()
         self._ensure_task()
 
-    def _requeue(self, settlement: _Settlement) -> None:
-        # Back to the front: still the oldest, so it is the first dropped if the queue overflowed meanwhile.
-        self._queue.appendleft(settlement)
+    def _requeue(self, batch: list[Settlement]) -> None:
+        # Back to the front, in order: still the oldest, so the first dropped if the queue overflowed meanwhile.
+        self._queue.extendleft(reversed(batch))
         self._trim()
 
     def _trim(self) -> None:

@@ -1,9 +1,11 @@
 """The quota store interface: what the gateway asks of Redis (or memory).
 
-A request is admitted against a list of `LimitRule`s in one atomic step: either
-every rule has room and all are charged, or nothing is charged. Later the same
-rules are settled with the real cost; a reservation never settled (its gateway
-died) is released by the store once `expires_at_ms` has passed.
+A request is admitted against a list of `LimitRule`s with one cost per rule, in
+one atomic step: either every rule has room and all are charged, or nothing is
+charged. Later the same rules are settled with the real costs; a reservation
+never settled (its gateway died) is released by the store once `expires_at_ms`
+has passed. Rules hold no per-request data, so one list serves every request of
+a caller within a window.
 
 All keys of one admission share the tenant's hash tag (`{tenant}`), so one
 Redis Cluster slot holds them and the Lua script may touch them all.
@@ -11,8 +13,9 @@ Redis Cluster slot holds them and the Lua script may touch them all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,15 +23,20 @@ class LimitRule:
     key: str  # full store key, window included, e.g. "xp:{acme}:tpm:29312345"
     kind: Literal["counter", "concurrency"]
     limit: int
-    cost: int  # charged now: tokens or requests for a counter; ignored (always 1) for concurrency
-    ttl_ms: int  # counter key lifetime (window length + slack); concurrency: unused
+    expires_at_ms: int  # counter: when the key may go (window end + slack); concurrency: unused
 
 
-@dataclass(frozen=True, slots=True)
-class AdmitResult:
+class AdmitResult(NamedTuple):  # a tuple: built on every admission
     allowed: bool
     denied_rule: int | None  # index into rules of the first rule without room
     used: tuple[int, ...]  # per rule: usage after this admission (or current usage, when denied)
+
+
+class Settlement(NamedTuple):
+    tag: str
+    request_id: str
+    rules: list[LimitRule]
+    actual: list[int]  # the real cost per rule
 
 
 class StoreUnavailable(Exception):
@@ -37,9 +45,19 @@ class StoreUnavailable(Exception):
 
 class QuotaStore(Protocol):
     async def admit(
-        self, tag: str, request_id: str, rules: list[LimitRule], now_ms: int, expires_at_ms: int
-    ) -> AdmitResult: ...
+        self, tag: str, request_id: str, rules: list[LimitRule], costs: list[int], now_ms: int, expires_at_ms: int
+    ) -> AdmitResult:
+        """costs: one per rule, charged now (tokens or 1 for a counter; ignored for concurrency)."""
+        ...
 
     async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None: ...
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        """Settle a batch in one exchange with the store; per item, the error it met, if any.
+
+        Raises `StoreUnavailable` when the store could not be asked at all (nothing was written
+        for sure); per-item errors mean the store refused that one settlement.
+        """
+        ...
 
     async def close(self) -> None: ...
