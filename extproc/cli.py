@@ -114,7 +114,7 @@ Press Ctrl-C to stop.""",
 def _cmd_null(args: argparse.Namespace) -> int:
     from extproc.null_processor import main as null_main
 
-    return null_main(args.listen)
+    return null_main(args.listen, busy_us=args.busy_us)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     null = sub.add_parser("null-extproc", help="a do-nothing ext_proc (benchmark floor)")
     null.add_argument("--listen", required=True)
+    null.add_argument(
+        "--busy-us",
+        type=float,
+        default=0.0,
+        help="burn this many microseconds of pure Python per request (a calibration point for the benchmark)",
+    )
     null.set_defaults(func=_cmd_null)
     return parser
 

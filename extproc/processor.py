@@ -187,21 +187,21 @@ class RequestStream:
             self.phase = Phase.DONE
             model = admission.model.name if admission is not None else "-"
             metrics.count_request(model, endpoint, exc.code)
+            if log.isEnabledFor(logging.INFO):
+                identity = self.need.identity
+                tenant = identity.tenant.name if identity is not None else "-"
+                log.info(
+                    "refused endpoint=%s model=%s tenant=%s status=%d code=%s",
+                    endpoint,
+                    model,
+                    tenant,
+                    exc.status,
+                    exc.code,
+                )
             return immediate(Reply.from_error(exc))
         self.admission = admission
         self.phase = Phase.UPSTREAM
         metrics.count_request(admission.model.name, endpoint, "ok")
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "admitted model=%s backend=%s endpoint=%s prompt_tokens=%d max_completion_tokens=%d stream=%s%s",
-                admission.model.name,
-                admission.model.subset,
-                admission.endpoint,
-                admission.prompt_tokens,
-                admission.completion_tokens,
-                admission.stream,
-                "".join(f" [{note}]" for note in admission.notes),
-            )
         return _admitted_reply(admission)
 
     def _on_response_headers(self, message: pb.HttpHeaders) -> Wire:
@@ -270,27 +270,34 @@ class RequestStream:
         if watcher is not None and watcher.status:
             metrics.count_response(model, watcher.status)
         if log.isEnabledFor(logging.INFO):
-            self._log_end(watcher)
+            self._log_end(watcher, prompt, completion)
         return settlement
 
-    def _log_end(self, watcher: ResponseWatcher | None) -> None:
-        assert self.admission is not None
-        usage = watcher.usage if watcher is not None else None
-        if usage is not None:
-            log.info(
-                "completed model=%s status=%d prompt_tokens=%d completion_tokens=%d",
-                self.admission.model.name,
-                watcher.status if watcher else 0,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            )
+    def _log_end(self, watcher: ResponseWatcher | None, prompt: int, completion: int) -> None:
+        """The request's one access line: what was decided at admission and what the response cost."""
+        admission = self.admission
+        assert admission is not None
+        identity = admission.identity
+        if watcher is None or watcher.status == 0:
+            usage = "none"
         else:
-            log.info(
-                "ended model=%s phase=%s status=%d usage=unknown",
-                self.admission.model.name,
-                self.phase.value,
-                watcher.status if watcher else 0,
-            )
+            usage = "reported" if watcher.usage is not None else "estimated"
+        log.info(
+            "request endpoint=%s model=%s backend=%s tenant=%s stream=%s status=%d phase=%s "
+            "prompt_tokens=%d completion_tokens=%d usage=%s max_completion_tokens=%d%s",
+            admission.endpoint,
+            admission.model.name,
+            admission.model.subset,
+            identity.tenant.name if identity is not None else "-",
+            admission.stream,
+            watcher.status if watcher is not None else 0,
+            self.phase.value,
+            prompt,
+            completion,
+            usage,
+            admission.completion_tokens,
+            "".join(f" [{note}]" for note in admission.notes),
+        )
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):

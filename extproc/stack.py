@@ -135,6 +135,7 @@ class LocalStack:
     log_level: str = "info"
     redis_url: str | None = None
     replicas: int = 1  # separate `extproc serve` processes, each its own port, like pods
+    null_busy_us: float = 0.0  # extproc="null" only: pure-Python microseconds burnt per request
     work_dir: Path | None = None
     keep_logs: bool = False  # a temporary work_dir is removed on stop unless asked to keep it
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -191,6 +192,8 @@ class LocalStack:
             listen = f"127.0.0.1:{port}"
             if self.extproc == "null":
                 argv = self._python("null-extproc", "--listen", listen)
+                if self.null_busy_us:
+                    argv += ["--busy-us", str(self.null_busy_us)]
             else:
                 argv = self._python(
                     "serve",
