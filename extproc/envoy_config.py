@@ -31,9 +31,13 @@ class EnvoySetup:
     max_body_bytes: int = 1 << 20
     message_timeout_ms: int = 2000
     host: str = "127.0.0.1"
+    # Streams per HTTP/2 connection to the ext_proc; 0: unlimited (one connection per Envoy worker).
+    # Envoy ignores the server's SETTINGS_MAX_CONCURRENT_STREAMS (envoyproxy/envoy#13933), so this is
+    # the only way to make it open several connections, which SO_REUSEPORT workers need to share load.
+    extproc_streams_per_connection: int = 0
 
 
-def _cluster(name: str, host: str, ports: list[int], http2: bool = False) -> dict[str, Any]:
+def _cluster(name: str, host: str, ports: list[int], http2: bool = False, streams: int = 0) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
@@ -55,7 +59,9 @@ def _cluster(name: str, host: str, ports: list[int], http2: bool = False) -> dic
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
+                "explicit_http_config": {
+                    "http2_protocol_options": {"max_concurrent_streams": streams} if streams else {}
+                },
             }
         }
     return cluster
@@ -170,7 +176,9 @@ def render(setup: EnvoySetup) -> str:
     clusters = [_cluster(f"backend_{u.name}", u.host, [u.port]) for u in setup.upstreams]
     if setup.extproc_port is not None:
         ports = [setup.extproc_port, *setup.extra_extproc_ports]
-        clusters.append(_cluster("extproc", "127.0.0.1", ports, http2=True))
+        clusters.append(
+            _cluster("extproc", "127.0.0.1", ports, http2=True, streams=setup.extproc_streams_per_connection)
+        )
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": setup.admin_port}}},
         "static_resources": {

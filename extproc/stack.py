@@ -136,6 +136,8 @@ class LocalStack:
     redis_url: str | None = None
     replicas: int = 1  # separate `extproc serve` processes, each its own port, like pods
     null_busy_us: float = 0.0  # extproc="null" only: pure-Python microseconds burnt per request
+    # See EnvoySetup. None: 4 when workers > 1, so the kernel has connections to spread over them.
+    extproc_streams_per_connection: int | None = None
     work_dir: Path | None = None
     keep_logs: bool = False  # a temporary work_dir is removed on stop unless asked to keep it
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -221,6 +223,7 @@ class LocalStack:
                     extra_extproc_ports=tuple(replica_ports[1:]),
                     backend_header=self.policy.gateway.backend_header,
                     max_body_bytes=self.policy.gateway.max_body_bytes,
+                    extproc_streams_per_connection=self._streams_per_connection(),
                 )
             )
         )
@@ -251,6 +254,11 @@ class LocalStack:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"envoy did not route to the backends:\n{envoy.tail()}")
             time.sleep(0.05)
+
+    def _streams_per_connection(self) -> int:
+        if self.extproc_streams_per_connection is not None:
+            return self.extproc_streams_per_connection
+        return 4 if self.workers > 1 else 0
 
     def stop(self) -> None:
         # Envoy first, so nothing new reaches the processor while it drains.

@@ -177,3 +177,43 @@ def test_metrics_endpoint_counts_decisions(gateway_policy_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(10)
+
+
+def test_forked_workers_both_take_streams_behind_envoy(gateway_policy_path: Path) -> None:
+    """SO_REUSEPORT spreads connections, not streams: the local stack has Envoy open several."""
+    import asyncio
+
+    import aiohttp
+
+    from extproc.bench import cpu_seconds, process_tree
+
+    stack = LocalStack(
+        gateway_policy_path, listen_port=free_port(), workers=2, envoy_concurrency=2, log_level="warning"
+    )
+    with running(stack):
+        managed = stack.process("extproc").process
+        assert managed is not None
+        root = managed.pid
+        workers = [pid for pid in process_tree(root) if pid != root]
+        assert len(workers) == 2
+        before = cpu_seconds(workers)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+        async def burst() -> list[int]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
+
+                async def one() -> int:
+                    async with session.post(f"{stack.base_url}/chat/completions", json=body) as response:
+                        await response.read()
+                        return response.status
+
+                statuses: list[int] = []
+                for _ in range(6):
+                    statuses += await asyncio.gather(*(one() for _ in range(64)))
+                return statuses
+
+        statuses = asyncio.run(burst())
+        after = cpu_seconds(workers)
+    assert statuses == [200] * len(statuses)
+    used = [after[pid] - before[pid] for pid in workers]
+    assert min(used) > 0.15 * sum(used), used
