@@ -4,7 +4,8 @@ Every configuration runs through a real Envoy and the same fake vLLM upstream, s
 by `extproc.stack.LocalStack` on free loopback ports:
 
 * A ``direct``  -- Envoy routes straight to the upstream (no ext_proc filter);
-* B ``null``    -- Envoy + a null ext_proc that answers CONTINUE to the same messages;
+* B ``null``    -- Envoy + a null ext_proc that answers CONTINUE to the same messages
+  (B-cal: the same, spinning the gateway's own in-process time per request);
 * C ``gateway`` -- Envoy + `extproc serve` with the example policy (``--log-level warning``),
   plus the same with info logging and with two worker processes.
 
