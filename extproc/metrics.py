@@ -72,6 +72,11 @@ QUOTA_UNAVAILABLE = Counter(
     "Admissions refused with 503 because the quota store was unreachable (fail-closed).",
     registry=REGISTRY,
 )
+QUOTA_DROPPED = Counter(
+    "extproc_quota_dropped_settlements",
+    "Settlements given up (queue full during a long outage, or refused by the store): their usage is lost.",
+    registry=REGISTRY,
+)
 QUOTA_PENDING = Gauge(
     "extproc_quota_pending_settlements",
     "Settlements kept in memory while the quota store is unreachable, written when it returns.",

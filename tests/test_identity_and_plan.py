@@ -220,7 +220,16 @@ def test_refusals() -> None:
 
 
 @pytest.mark.parametrize(
-    ("ms", "text"), [(20, "20ms"), (1500, "1.5s"), (30_000, "30s"), (360_000, "6m0s"), (3_723_000, "1h2m3s")]
+    ("ms", "text"),
+    [
+        (20, "20ms"),
+        (1500, "1.5s"),
+        (30_000, "30s"),
+        (59_001, "60s"),
+        (60_000, "1m0s"),
+        (360_000, "6m0s"),
+        (3_723_000, "1h2m3s"),
+    ],
 )
 def test_duration_format(ms: int, text: str) -> None:
     assert format_duration(ms) == text

@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -75,7 +76,7 @@ def avoid_minute_boundary(needed_s: float) -> None:
         time.sleep(60 - into_minute + 0.5)
 
 
-def chat_body(content: str = "hi", max_tokens: int = 20, **extra: object) -> dict[str, object]:
+def chat_body(content: str = "hi", max_tokens: int = 20, **extra: object) -> Any:  # the SDK types each field
     return {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **extra}
 
 
@@ -147,13 +148,13 @@ def test_aborted_stream_releases_its_reservation(stack: LocalStack, db: redis.Re
 
 def test_rate_limit_error_has_openai_headers(stack: LocalStack) -> None:
     client = sdk(stack, "sk-rpm")
-    ok = client.chat.completions.with_raw_response.create(**chat_body(max_tokens=1))  # type: ignore[arg-type]
+    ok = client.chat.completions.with_raw_response.create(**chat_body(max_tokens=1))
     assert ok.headers["x-ratelimit-limit-requests"] == "2"
     assert ok.headers["x-ratelimit-limit-tokens"] == "100000"
     assert int(ok.headers["x-ratelimit-remaining-tokens"]) < 100000
-    client.chat.completions.create(**chat_body(max_tokens=1))  # type: ignore[arg-type]
+    client.chat.completions.create(**chat_body(max_tokens=1))
     with pytest.raises(openai.RateLimitError) as caught:
-        client.chat.completions.create(**chat_body(max_tokens=1))  # type: ignore[arg-type]
+        client.chat.completions.create(**chat_body(max_tokens=1))
     error = caught.value
     assert error.code == "rate_limit_exceeded" and error.body["type"] == "requests"  # type: ignore[index]
     headers = error.response.headers
@@ -166,11 +167,11 @@ def test_rate_limit_error_has_openai_headers(stack: LocalStack) -> None:
 def test_sdk_retry_waits_as_told(stack: LocalStack) -> None:
     import threading
 
-    holder = threading.Thread(target=lambda: sdk(stack, "sk-conc").chat.completions.create(**chat_body(max_tokens=5)))  # type: ignore[arg-type]
+    holder = threading.Thread(target=lambda: sdk(stack, "sk-conc").chat.completions.create(**chat_body(max_tokens=5)))
     holder.start()
     time.sleep(0.2)  # the first request now holds the only concurrency slot for ~0.5 s
     started = time.monotonic()
-    raw = sdk(stack, "sk-conc", retries=2).chat.completions.with_raw_response.create(**chat_body(max_tokens=1))  # type: ignore[arg-type]
+    raw = sdk(stack, "sk-conc", retries=2).chat.completions.with_raw_response.create(**chat_body(max_tokens=1))
     elapsed = time.monotonic() - started
     holder.join()
     assert raw.http_response.status_code == 200
@@ -181,10 +182,10 @@ def test_sdk_retry_waits_as_told(stack: LocalStack) -> None:
 
 def test_exhausted_budget_is_insufficient_quota_and_not_retried(stack: LocalStack) -> None:
     client = sdk(stack, "sk-budget", retries=3)
-    client.chat.completions.create(**chat_body(max_tokens=30))  # type: ignore[arg-type]
+    client.chat.completions.create(**chat_body(max_tokens=30))
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as caught:
-        client.chat.completions.create(**chat_body(max_tokens=30))  # type: ignore[arg-type]
+        client.chat.completions.create(**chat_body(max_tokens=30))
     assert caught.value.code == "insufficient_quota"
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert time.monotonic() - started < 0.5  # no retries
@@ -192,14 +193,14 @@ def test_exhausted_budget_is_insufficient_quota_and_not_retried(stack: LocalStac
 
 def test_one_tenant_exhausting_its_quota_does_not_affect_another(stack: LocalStack) -> None:
     with pytest.raises(openai.RateLimitError):
-        sdk(stack, "sk-budget").chat.completions.create(**chat_body(max_tokens=30))  # type: ignore[arg-type]
-    ok = sdk(stack, "sk-neighbour").chat.completions.create(**chat_body(max_tokens=1))  # type: ignore[arg-type]
+        sdk(stack, "sk-budget").chat.completions.create(**chat_body(max_tokens=30))
+    ok = sdk(stack, "sk-neighbour").chat.completions.create(**chat_body(max_tokens=1))
     assert ok.choices
 
 
 def test_missing_key_is_401_and_credentials_never_reach_the_backend(stack: LocalStack) -> None:
     with pytest.raises(openai.AuthenticationError) as caught:
-        sdk(stack, "sk-unknown").chat.completions.create(**chat_body(max_tokens=1))  # type: ignore[arg-type]
+        sdk(stack, "sk-unknown").chat.completions.create(**chat_body(max_tokens=1))
     assert caught.value.code == "invalid_api_key"
     import json
     import urllib.request
@@ -216,11 +217,11 @@ def test_redis_outage_fails_open_and_usage_arrives_afterwards(
 ) -> None:
     avoid_minute_boundary(15)
     client = sdk(stack, "sk-outage")
-    before = client.chat.completions.create(**chat_body(max_tokens=2))  # type: ignore[arg-type]
+    before = client.chat.completions.create(**chat_body(max_tokens=2))
     assert before.usage is not None
     redis_server.stop()
     try:
-        during = [client.chat.completions.create(**chat_body(max_tokens=2)) for _ in range(3)]  # type: ignore[arg-type]
+        during = [client.chat.completions.create(**chat_body(max_tokens=2)) for _ in range(3)]
     finally:
         redis_server.restart()
     assert all(c.usage is not None for c in during)
@@ -238,6 +239,6 @@ def test_redis_outage_fails_closed_when_the_policy_says_so(tmp_path: Path) -> No
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
     with running(LocalStack(closed, listen_port=free_port(), redis_url=dead_redis)) as closed_stack:
         with pytest.raises(openai.InternalServerError) as caught:
-            sdk(closed_stack, "sk-neighbour").chat.completions.create(**chat_body(max_tokens=1))  # type: ignore[arg-type]
+            sdk(closed_stack, "sk-neighbour").chat.completions.create(**chat_body(max_tokens=1))
         assert caught.value.status_code == 503
         assert caught.value.code == "quota_store_unavailable"

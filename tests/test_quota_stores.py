@@ -4,12 +4,13 @@ and ResilientStore across an outage."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import pytest_asyncio
@@ -285,6 +286,34 @@ async def test_settle_needs_one_cost_per_rule(h: Harness) -> None:
 
 
 @pytest.mark.asyncio
+async def test_two_rules_on_one_key_both_charge_it(h: Harness) -> None:
+    now = now_ms_()
+    tpm = h.counter("shared", 100, 3)
+    assert (await h.admit("r1", [tpm, tpm], now, now + MINUTE_MS)).used == (3, 6)
+    assert await h.usage([tpm]) == (6,)
+    await h.settle("r1", [tpm, tpm], [2, 2])  # the reservation is taken back once, each rule's cost added
+    assert await h.usage([tpm]) == (4,)
+
+
+@pytest.mark.asyncio
+async def test_a_replay_only_if_reserved_never_charges_twice(h: Harness) -> None:
+    now = now_ms_()
+    rules = [h.counter("tpm", 1000, 100), h.slots(2)]
+    await h.admit("r1", rules, now, now + MINUTE_MS)
+    first = h.settlement("r1", rules, [30, 1])
+    assert await h.store.settle_many([first]) == [None]
+    assert await h.usage(rules) == (30, 0)
+    # Its answer was lost, so it is replayed: the reservation is gone, nothing changes.
+    assert await h.store.settle_many([first._replace(only_if_reserved=True)]) == [None]
+    assert await h.usage(rules) == (30, 0)
+
+    # Replayed while the reservation is still there (the first attempt never arrived): applied.
+    await h.admit("r2", rules, now, now + MINUTE_MS)
+    assert await h.store.settle_many([h.settlement("r2", rules, [40, 1])._replace(only_if_reserved=True)]) == [None]
+    assert await h.usage(rules) == (70, 0)
+
+
+@pytest.mark.asyncio
 async def test_settle_many_settles_a_batch_like_single_settles(h: Harness) -> None:
     now = now_ms_()
     rules = [h.counter("tpm", 1000, 100), h.counter("rpm", 10, 1), h.slots(3)]
@@ -446,6 +475,68 @@ async def test_unreachable_redis_is_store_unavailable_quickly() -> None:
     finally:
         await store.close()
     assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.asyncio
+async def test_redis_admission_whose_caller_left_is_given_back(
+    redis_server: RedisServer, redis_db: redis.asyncio.Redis
+) -> None:
+    store, tag, now = RedisStore(redis_server.url, timeout_s=2.0), unique_tag(), now_ms_()
+    tpm = LimitRule(f"xp:{{{tag}}}:tpm", "counter", 1000, now + MINUTE_MS)
+    slots = LimitRule(f"xp:{{{tag}}}:conc", "concurrency", 5, 0)
+    sent: list[bytes] = []
+    gate = asyncio.Event()
+    original = store._pipeline
+
+    async def held(commands: list[bytes]) -> list[Any]:
+        sent.append(b"".join(commands))
+        if b"$4\r\nlate\r\n" in sent[-1] and b"EVALSHA" in sent[-1]:  # Redis decides once we let it through
+            await gate.wait()
+        return await original(commands)
+
+    store._pipeline = held  # type: ignore[method-assign]
+    try:
+        # Left before its turn's pipeline went out: never sent at all.
+        early = asyncio.ensure_future(store.admit(tag, "early", [tpm, slots], [100, 1], now, now + MINUTE_MS))
+        await asyncio.sleep(0)
+        early.cancel()
+        assert (await store.admit(tag, "probe", [tpm], [0], now, now + MINUTE_MS)).used == (0,)
+        assert not any(b"early" in commands for commands in sent)
+
+        # Left while Redis decided: allowed there, so given back right after.
+        late = asyncio.ensure_future(store.admit(tag, "late", [tpm, slots], [100, 1], now, now + MINUTE_MS))
+        while not any(b"late" in commands for commands in sent):
+            await asyncio.sleep(0)
+        late.cancel()
+        gate.set()
+        while store._in_flight:
+            await asyncio.sleep(0.01)
+        assert int(await redis_db.get(tpm.key) or 0) == 0
+        assert await redis_db.zcard(slots.key) == 0
+        assert not await redis_db.hexists(f"xp:{{{tag}}}:resv", "late")
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_redis_refusing_to_load_the_script_is_unavailable_not_a_crash(
+    redis_server: RedisServer, redis_db: redis.asyncio.Redis
+) -> None:
+    assert redis_server.port is not None
+    # A user that may run scripts but not load them, as some managed Redis offerings set it up.
+    await redis_db.execute_command("ACL", "SETUSER", "noload", "on", ">pw", "~*", "+@all", "-script|load")
+    url = f"redis://noload:pw@127.0.0.1:{redis_server.port}/0"
+    store, tag, now = RedisStore(url, timeout_s=2.0), unique_tag(), now_ms_()
+    rule = LimitRule(f"xp:{{{tag}}}:rpm", "counter", 10, now + MINUTE_MS)
+    try:
+        await redis_db.script_flush()
+        with pytest.raises(StoreUnavailable, match="load the script"):
+            await store.admit(tag, "r1", [rule], [1], now, now + 1000)
+        (outcome,) = await store.settle_many([Settlement(tag, "r1", [rule], [1])])
+        assert isinstance(outcome, StoreUnavailable)
+    finally:
+        await store.close()
+        await redis_db.execute_command("ACL", "DELUSER", "noload")
 
 
 # --- MemoryStore only -------------------------------------------------------------------------
@@ -713,4 +804,142 @@ async def test_a_settlement_lost_mid_batch_is_kept_and_written_later() -> None:
     assert store.pending == 1 and store.dropped_settlements == 0
     assert await store.flush() == 1
     assert primary.settled == ["r0", "r2", "r1"]
+    await store.close()
+
+
+class ReplyDroppingProxy:
+    """Forwards commands to Redis and, while `drop` is set, throws the replies away.
+
+    Redis runs every command it gets; the client hears nothing and times out: the case where a
+    call may have landed without its caller knowing.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.drop = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await reader.read(65536):
+                    if not (replies and self.drop):
+                        writer.write(data)
+            writer.close()
+
+        await asyncio.gather(
+            pump(client_reader, redis_writer, replies=False), pump(redis_reader, client_writer, replies=True)
+        )
+
+
+@pytest_asyncio.fixture
+async def lossy(redis_server: RedisServer) -> AsyncIterator[tuple[ReplyDroppingProxy, str]]:
+    assert redis_server.port is not None
+    proxy = ReplyDroppingProxy(redis_server.port)
+    url = await proxy.start()
+    yield proxy, url
+    await proxy.close()
+
+
+def resilient_behind(url: str, on_failure: Literal["open", "closed"]) -> tuple[ResilientStore, str, LimitRule]:
+    """A ResilientStore quick to give up on Redis, a fresh tag and its tokens-per-minute rule."""
+    store = ResilientStore(RedisStore(url, timeout_s=0.2), on_failure=on_failure, retry_interval_s=60)
+    tag = unique_tag()
+    return store, tag, LimitRule(f"xp:{{{tag}}}:tpm", "counter", 1000, now_ms_() + MINUTE_MS)
+
+
+async def replay_once_answered(proxy: ReplyDroppingProxy, store: ResilientStore) -> int:
+    proxy.drop = False
+    store._primary_down_until = 0.0  # as if the retry interval were over
+    return await store.flush()
+
+
+@pytest.mark.asyncio
+async def test_a_settlement_applied_without_an_answer_is_not_charged_again_by_its_replay(
+    lossy: tuple[ReplyDroppingProxy, str], redis_db: redis.asyncio.Redis
+) -> None:
+    proxy, url = lossy
+    store, tag, tpm = resilient_behind(url, "open")
+    now = now_ms_()
+    try:
+        assert (await store.admit(tag, "r1", [tpm], [100], now, now + MINUTE_MS)).allowed
+        await store.settle(tag, "warm-up", [tpm], [0])  # the settle script is loaded: Redis can run it unseen
+        proxy.drop = True
+        await store.settle(tag, "r1", [tpm], [30])
+        assert store.pending == 1  # no answer: kept for a replay
+        assert int(await redis_db.get(tpm.key) or 0) == 30  # ... yet Redis applied it
+        assert await replay_once_answered(proxy, store) == 1
+        assert int(await redis_db.get(tpm.key) or 0) == 30
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_fail_closed_gives_back_an_admission_that_landed_without_an_answer(
+    lossy: tuple[ReplyDroppingProxy, str], redis_db: redis.asyncio.Redis
+) -> None:
+    proxy, url = lossy
+    store, tag, tpm = resilient_behind(url, "closed")
+    now = now_ms_()
+    slots = LimitRule(f"xp:{{{tag}}}:conc", "concurrency", 1, 0)
+    try:
+        await store.admit(tag, "warm-up", [tpm], [0], now, now + 1)  # the admit script is loaded
+        proxy.drop = True
+        with pytest.raises(StoreUnavailable):  # the client is answered 503
+            await store.admit(tag, "r1", [tpm, slots], [100, 1], now, now + MINUTE_MS)
+        assert int(await redis_db.get(tpm.key) or 0) == 100  # ... but Redis admitted it
+        assert await replay_once_answered(proxy, store) == 1
+        assert int(await redis_db.get(tpm.key) or 0) == 0
+        assert await redis_db.zcard(slots.key) == 0
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_fallback_failing_one_settlement_does_not_fail_the_batch() -> None:
+    primary = FlakyStore()
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    primary.down = True
+    now = now_ms_()
+    rule = rpm(10)
+    for i in range(3):
+        assert (await store.admit("t", f"r{i}", [rule], [1], now, now + MINUTE_MS)).allowed
+    batch = [
+        Settlement("t", "r0", [rule], [1]),
+        Settlement("t", "r1", [rule], [1, 2]),
+        Settlement("t", "r2", [rule], [1]),
+    ]
+    outcomes = await store.settle_many(batch)
+    assert outcomes[0] is None and isinstance(outcomes[1], ValueError) and outcomes[2] is None
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_batch_that_keeps_breaking_the_client_is_dropped_not_retried_forever(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    primary = FlakyStore()
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    primary.down = True
+    assert await admit_and_settle(store, "r0", [rpm(10)])
+    primary.down = False
+
+    async def broken(settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        raise RuntimeError("a bug in the client")
+
+    primary.settle_many = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="extproc.quota"):
+        for _ in range(3):
+            assert await store.flush() == 0
+    assert store.pending == 0 and store.dropped_settlements == 1
     await store.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -10,7 +12,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from extproc.quota.resp import RedisAddress, ReplyError, RespConnection, RespUnavailable, pack
+from extproc.quota.resp import RedisAddress, ReplyError, RespConnection, RespNoReply, RespUnavailable, pack
 from tests.redis_server import RedisServer, command
 
 T = TypeVar("T")
@@ -174,3 +176,122 @@ def test_redis_urls(url: str, expected: RedisAddress) -> None:
 def test_unsupported_urls_are_refused_clearly(url: str) -> None:
     with pytest.raises(ValueError, match="redis://"):
         RedisAddress.from_url(url)
+
+
+async def _silent_server(connections: list[int]) -> tuple[asyncio.Server, int]:
+    """Accepts connections and reads everything, answers nothing; counts connections in `connections`."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while await reader.read(4096):
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_callers_queued_behind_a_failing_connect_share_its_failure(loop_kind: str) -> None:
+    # Connecting includes AUTH, which the silent server never answers: the attempt times out.
+    async def scenario() -> tuple[list[BaseException | list[Any]], int]:
+        connections: list[int] = []
+        server, port = await _silent_server(connections)
+        connection = RespConnection(f"redis://:pw@127.0.0.1:{port}", timeout_s=0.1)
+        try:
+            calls = (connection.execute([pack(b"PING")]) for _ in range(8))
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            return outcomes, len(connections)
+        finally:
+            await connection.close()
+            server.close()
+
+    outcomes, connections = run(loop_kind, scenario)
+    assert all(isinstance(outcome, RespUnavailable) for outcome in outcomes)
+    assert connections == 1  # one attempt for all eight, not one after another
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_pipeline_lost_to_a_timeout_leaves_no_unretrieved_errors(loop_kind: str) -> None:
+    async def attempt(port: int) -> str:
+        connection = RespConnection(f"redis://127.0.0.1:{port}", timeout_s=0.05)
+        try:
+            await connection.execute([pack(b"PING") for _ in range(5)])
+            return "answered"
+        except RespUnavailable as exc:
+            return type(exc).__name__
+        finally:
+            await connection.close()
+
+    async def scenario() -> tuple[str, list[dict[str, Any]]]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        server, port = await _silent_server([])
+        failure = await attempt(port)
+        server.close()
+        await asyncio.sleep(0.05)  # the aborted transport lets go of its protocol
+        gc.collect()  # "exception was never retrieved" is reported when a failed future is collected
+        await asyncio.sleep(0)
+        return failure, reported
+
+    failure, reported = run(loop_kind, scenario)
+    assert failure == RespNoReply.__name__  # sent, then silence: Redis may have run them
+    assert reported == []
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_callers_arriving_during_the_connection_setup_wait_for_it(loop_kind: str) -> None:
+    # A server that takes a while to refuse AUTH, and refuses anything sent before AUTH as Redis does.
+    async def scenario() -> list[BaseException | list[Any]]:
+        auth_seen = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            data = await reader.read(4096)
+            auth_seen.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    data += await reader.read(4096)
+            writer.write(b"-WRONGPASS invalid username-password pair\r\n")
+            writer.write(b"-NOAUTH Authentication required.\r\n" * data.count(b"PING"))
+            await writer.drain()
+            await reader.read(4096)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        connection = RespConnection(f"redis://:pw@127.0.0.1:{port}", timeout_s=1.0)
+        try:
+            first = asyncio.ensure_future(connection.execute([pack(b"PING")]))
+            await auth_seen.wait()  # the connection is up, its AUTH unanswered: now the others come
+            later = [connection.execute([pack(b"PING")]) for _ in range(4)]
+            return await asyncio.gather(first, *later, return_exceptions=True)
+        finally:
+            await connection.close()
+            server.close()
+
+    outcomes = run(loop_kind, scenario)
+    # Not a NOAUTH reply handed to a caller as if its command had run: every caller is told why.
+    assert all(isinstance(o, RespUnavailable) and "WRONGPASS" in str(o) for o in outcomes), outcomes
+
+
+def test_a_closed_connection_stays_closed(redis_server: RedisServer) -> None:
+    async def scenario() -> tuple[list[Any], BaseException | None, int]:
+        connection = RespConnection(redis_server.url)
+        first = await connection.execute([pack(b"PING")])
+        await connection.close()
+        before = int(_info_field(redis_server, "total_connections_received"))
+        error: BaseException | None = None
+        try:
+            await connection.execute([pack(b"PING")])
+        except RespUnavailable as exc:
+            error = exc
+        return first, error, int(_info_field(redis_server, "total_connections_received")) - before
+
+    first, error, new_connections = run("uvloop", scenario)
+    assert first == [b"PONG"]
+    assert error is not None and "closed" in str(error)
+    assert new_connections == 1  # the INFO probe's own
+
+
+def test_the_password_stays_out_of_the_address_repr() -> None:
+    address = RedisAddress.from_url("redis://gw:hunter2-secret@redis:6379/0")
+    assert "hunter2-secret" not in repr(address)

@@ -97,6 +97,8 @@ class MemoryStore:
                 if cost <= 0:
                     continue
                 counter = counters[index]
+                if counter is None:  # a key named by an earlier rule of this call may exist by now
+                    counter = self._counter(rule.key, now_ms)
                 if counter is None:
                     counter = self._counters[rule.key] = _Counter(0, max(rule.expires_at_ms, now_ms + 1))
                 counter.value += cost
@@ -120,14 +122,22 @@ class MemoryStore:
         outcomes: list[BaseException | None] = []
         for item in settlements:
             try:
-                self.settle_now(*item, now_ms)
+                self.settle_now(item.tag, item.request_id, item.rules, item.actual, now_ms, item.only_if_reserved)
             except ValueError as exc:
                 outcomes.append(exc)
             else:
                 outcomes.append(None)
         return outcomes
 
-    def settle_now(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int], now_ms: int) -> None:
+    def settle_now(
+        self,
+        tag: str,
+        request_id: str,
+        rules: list[LimitRule],
+        actual: list[int],
+        now_ms: int,
+        only_if_reserved: bool = False,
+    ) -> None:
         if len(actual) != len(rules):
             raise ValueError(f"settle got {len(actual)} costs for {len(rules)} rules")
         self._tick(now_ms)
@@ -138,6 +148,11 @@ class MemoryStore:
                 if rule.kind == "counter":
                     self._add(rule.key, cost - charged, rule.expires_at_ms, now_ms)
                 else:
+                    self._leave(rule.key, request_id)
+            return
+        if reservation is None and only_if_reserved:  # settled before: only give back slots still held
+            for rule in rules:
+                if rule.kind == "concurrency":
                     self._leave(rule.key, request_id)
             return
         reserved: dict[str, int] = {}

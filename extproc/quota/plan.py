@@ -198,7 +198,7 @@ _WHOLE_SECONDS = [f"{n}s" for n in range(61)]
 
 def format_duration(ms: int) -> str:
     """OpenAI's reset format: `20ms`, `1.5s`, `6m0s`, `2h3m4s`."""
-    if 10_000 < ms <= 60_000:  # a minute window, the common case: no float formatting
+    if 10_000 < ms < 60_000:  # within a minute window, the common case: no float formatting
         return _WHOLE_SECONDS[-(-ms // 1000)]
     if ms < 1000:
         return f"{max(ms, 0)}ms"

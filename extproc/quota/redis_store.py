@@ -14,16 +14,17 @@ in the slot of the keys that are declared: Redis Cluster executes this, which is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from extproc.quota.memory import MAX_RELEASES_PER_ADMIT
-from extproc.quota.resp import ReplyError, RespConnection, RespUnavailable, bulk, pack
-from extproc.quota.store import AdmitResult, LimitRule, Settlement, StoreUnavailable
+from extproc.quota.resp import ReplyError, RespConnection, RespNoReply, RespUnavailable, bulk, pack
+from extproc.quota.store import AdmitResult, LimitRule, Settlement, StoreOutcomeUnknown, StoreUnavailable
 
 # Reservation bookkeeping outlives what it describes by this much, so a late settlement still finds it.
 _SLACK_MS = 60_000
@@ -118,12 +119,14 @@ return {1, -1, unpack(used)}
 ).replace("SLACK_MS", str(_SLACK_MS))
 
 # KEYS: resv hash, resv expiry zset, then one key per rule.
-# ARGV: rules (JSON, as for admission), request_id, actual costs (comma-separated, one per rule).
+# ARGV: rules (JSON, as for admission), request_id, actual costs (comma-separated, one per rule),
+#       only_if_reserved ('1': a replay that may have landed before; without a reservation, charge nothing).
 _SETTLE_LUA = (
     _LUA_COMMON
     + """
 local rules, rid = cjson.decode(ARGV[1]), ARGV[2]
 local actual = cjson.decode('[' .. ARGV[3] .. ']')
+local charge = ARGV[4] ~= '1'
 local reserved = {}
 local rec = redis.call('HGET', KEYS[1], rid)
 if rec then
@@ -139,7 +142,7 @@ for i = 1, #KEYS - 2 do
     -- Zeroed once used: a key named by two rules has its reservation taken back once.
     local r = reserved[key] or 0
     reserved[key] = 0
-    add(key, actual[i] - r, rule[3])
+    if rec or charge then add(key, actual[i] - r, rule[3]) end
   else
     redis.call('ZREM', key, rid)
   end
@@ -162,6 +165,17 @@ _UNAVAILABLE_REPLIES = (
 )
 _PIPELINE_MAX = 128  # calls per pipeline; a bigger burst goes out as several pipelines at once
 _Call = bytes  # one packed EVALSHA command
+
+
+@dataclass(slots=True)
+class _Admission:
+    call: _Call
+    reply: asyncio.Future[Any]
+    tag: str  # the rest: to give the reservation back if its caller left before the reply came
+    request_id: str
+    rules: list[LimitRule]
+
+
 _PREFIX_CACHE_MAX = 4096
 
 
@@ -203,8 +217,7 @@ class RedisStore:
         self._redis = RespConnection(url, timeout_s=timeout_s)
         self._admit_sha = _sha1(_ADMIT_LUA)
         self._settle_sha = _sha1(_SETTLE_LUA)
-        self._admissions: list[tuple[_Call, asyncio.Future[Any]]] = []  # waiting for this turn's pipeline
-        self._admissions_scheduled = False
+        self._admissions: list[_Admission] = []  # waiting for this turn's pipeline
         self._in_flight: set[asyncio.Task[None]] = set()
         self._prefix_cache: dict[tuple[str, int], _Prefixes] = {}
 
@@ -217,10 +230,9 @@ class RedisStore:
         call = self._admit_call(tag, request_id, rules, costs, now_ms, expires_at_ms)
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
-        self._admissions.append((call, reply))
-        if not self._admissions_scheduled:
-            self._admissions_scheduled = True
+        if not self._admissions:
             loop.call_soon(self._send_admissions)
+        self._admissions.append(_Admission(call, reply, tag, request_id, rules))
         allowed, denied, *used = (int(v) for v in await reply)
         return AdmitResult(bool(allowed), None if denied < 0 else denied, tuple(used))
 
@@ -244,32 +256,47 @@ class RedisStore:
         )
 
     def _send_admissions(self) -> None:
-        self._admissions_scheduled = False
-        pending, self._admissions = self._admissions, []
-        loop = asyncio.get_running_loop()
+        # Callers that left already (their stream ended) are not sent: nothing to undo later.
+        pending = [admission for admission in self._admissions if not admission.reply.done()]
+        self._admissions = []
         for start in range(0, len(pending), _PIPELINE_MAX):
-            task = loop.create_task(self._run_admissions(pending[start : start + _PIPELINE_MAX]))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+            self._spawn(self._run_admissions(pending[start : start + _PIPELINE_MAX]))
 
-    async def _run_admissions(self, batch: list[tuple[_Call, asyncio.Future[Any]]]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _run_admissions(self, batch: list[_Admission]) -> None:
         try:
-            replies = await self._execute(_ADMIT_LUA, [call for call, _ in batch])
+            replies = await self._execute(_ADMIT_LUA, [admission.call for admission in batch])
         except BaseException as exc:  # StoreUnavailable, or cancelled at shutdown: every caller must hear of it
             failure = exc if isinstance(exc, Exception) else StoreUnavailable("the store client was shut down")
-            for _, reply in batch:
-                if not reply.done():
-                    reply.set_exception(failure)
+            for admission in batch:
+                if not admission.reply.done():
+                    admission.reply.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, reply), result in zip(batch, replies, strict=True):
-            if reply.done():  # the caller gave up (its stream ended); the reservation expires on its own
-                continue
-            if isinstance(result, BaseException):
-                reply.set_exception(result)
+        abandoned: list[Settlement] = []
+        for admission, result in zip(batch, replies, strict=True):
+            if admission.reply.done():
+                # The caller left while Redis decided: nobody will settle this, so give it back now
+                # rather than hold the tokens and slots until the reservation expires.
+                if not isinstance(result, BaseException) and int(result[0]):
+                    zero = [0] * len(admission.rules)
+                    abandoned.append(Settlement(admission.tag, admission.request_id, admission.rules, zero))
+            elif isinstance(result, BaseException):
+                admission.reply.set_exception(result)
             else:
-                reply.set_result(result)
+                admission.reply.set_result(result)
+        if abandoned:
+            self._spawn(self._release(abandoned))
+
+    async def _release(self, settlements: list[Settlement]) -> None:
+        # Best effort: if this fails too, the reservations expire on their own.
+        with contextlib.suppress(StoreUnavailable):
+            await self.settle_many(settlements)
 
     async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
         (outcome,) = await self.settle_many([Settlement(tag, request_id, rules, actual)])
@@ -285,7 +312,7 @@ class RedisStore:
             if not item.rules:
                 continue
             try:
-                calls.append(self._settle_call(*item))
+                calls.append(self._settle_call(item))
             except ValueError as exc:
                 outcomes[index] = exc
                 continue
@@ -309,11 +336,15 @@ class RedisStore:
         replies = await self._pipeline(calls)
         lost = [i for i, reply in enumerate(replies) if _script_missing(reply)]
         if lost:
+            again: list[Any]
+            load_script = pack(b"SCRIPT", b"LOAD", source.encode())
             try:
-                again = await self._pipeline([pack(b"SCRIPT", b"LOAD", source.encode()), *(calls[i] for i in lost)])
-                again = again[1:]
+                load, *again = await self._pipeline([load_script, *(calls[i] for i in lost)])
             except StoreUnavailable as exc:
                 again = [exc] * len(lost)
+            else:
+                if isinstance(load, ReplyError):  # then the resent calls met NOSCRIPT again: nothing ran
+                    again = [StoreUnavailable(f"Redis refused to load the script: {load}")] * len(lost)
             for i, reply in zip(lost, again, strict=True):
                 replies[i] = reply
         return [_as_unavailable(reply) for reply in replies]
@@ -321,14 +352,18 @@ class RedisStore:
     async def _pipeline(self, commands: list[bytes]) -> list[Any]:
         try:
             return await self._redis.execute(commands)
+        except RespNoReply as exc:
+            raise StoreOutcomeUnknown(str(exc)) from None
         except RespUnavailable as exc:
             raise StoreUnavailable(str(exc)) from None
 
-    def _settle_call(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> bytes:
-        if len(actual) != len(rules):
-            raise ValueError(f"settle got {len(actual)} costs for {len(rules)} rules")
-        return self._prefixes(tag, rules).settle + _bulks(
-            request_id.encode(), b",".join(b"%d" % cost for cost in actual)
+    def _settle_call(self, item: Settlement) -> bytes:
+        if len(item.actual) != len(item.rules):
+            raise ValueError(f"settle got {len(item.actual)} costs for {len(item.rules)} rules")
+        return self._prefixes(item.tag, item.rules).settle + _bulks(
+            item.request_id.encode(),
+            b",".join(b"%d" % cost for cost in item.actual),
+            b"1" if item.only_if_reserved else b"0",
         )
 
     def _prefixes(self, tag: str, rules: list[LimitRule]) -> _Prefixes:
@@ -342,7 +377,7 @@ class RedisStore:
         admit = b"*%d\r\n" % (3 + len(keys) + 1 + 1 + 6) + _bulks(
             b"EVALSHA", self._admit_sha, *head, b"%d" % MAX_RELEASES_PER_ADMIT
         )
-        settle = b"*%d\r\n" % (3 + len(keys) + 1 + 2) + _bulks(b"EVALSHA", self._settle_sha, *head)
+        settle = b"*%d\r\n" % (3 + len(keys) + 1 + 3) + _bulks(b"EVALSHA", self._settle_sha, *head)
         counters = [r.expires_at_ms for r in rules if r.kind == "counter"]
         prefixes = _Prefixes(rules, admit, settle, max(counters, default=0))
         if len(self._prefix_cache) >= _PREFIX_CACHE_MAX:
@@ -355,6 +390,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.close()
+        for task in list(self._in_flight):
+            task.cancel()
 
     @staticmethod
     def _keys(tag: str, rules: list[LimitRule]) -> list[str]:

@@ -6,6 +6,8 @@ own, so the fleet may overshoot by up to the number of replicas), and every sett
 primary is queued in memory and written when it answers again. A replayed settlement finds no
 reservation in the primary and adds the real cost in full; one whose reservation the primary still
 holds applies the difference. Both leave the counter where it would have been without the outage.
+A settlement that was sent but got no answer may have landed: it is replayed `only_if_reserved`, so
+it never charges twice (if its reservation expired meanwhile, the real cost is lost instead).
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import Literal
 
 from extproc import metrics
 from extproc.quota.memory import MemoryStore
-from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, Settlement, StoreUnavailable
+from extproc.quota.store import (
+    AdmitResult,
+    LimitRule,
+    QuotaStore,
+    Settlement,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("extproc.quota")
 
@@ -30,10 +39,18 @@ _WARN_EVERY_S = 10.0
 _FORGET_AFTER_MS = 60_000
 
 _FLUSH_BATCH = 256  # queued settlements written per round trip when the primary is back
+_MAX_FLUSH_ERRORS = 3  # a batch that breaks the primary's client this often in a row is dropped, not retried forever
 
 
 def _retryable(outcome: BaseException | None) -> bool:
     return isinstance(outcome, StoreUnavailable)
+
+
+def _for_replay(item: Settlement, failure: BaseException | None) -> Settlement:
+    """What to queue after a failed write: if it may have landed, a replay that cannot charge twice."""
+    if isinstance(failure, StoreOutcomeUnknown) and not item.only_if_reserved:
+        return item._replace(only_if_reserved=True)
+    return item
 
 
 class ResilientStore:
@@ -59,6 +76,7 @@ class ResilientStore:
         self._drain_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_warning = -_WARN_EVERY_S
+        self._flush_errors = 0
         # After a failure the primary is skipped for a retry interval: a black-holed Redis would
         # otherwise cost every admission a full connect timeout.
         self._primary_down_until = 0.0
@@ -80,6 +98,10 @@ class ResilientStore:
                 self._primary_down_until = time.monotonic() + self.retry_interval_s
                 failure = exc
         if self.on_failure == "closed":
+            if isinstance(failure, StoreOutcomeUnknown):
+                # The admission may have landed, and this request is refused: give it back once the
+                # primary answers (a fail-open admission instead settles through the queue as usual).
+                self._enqueue(Settlement(tag, request_id, rules, [0] * len(rules), only_if_reserved=True))
             raise failure
         result = await self.fallback.admit(tag, request_id, rules, costs, now_ms, expires_at_ms)
         self.fail_open_admissions += 1
@@ -111,7 +133,10 @@ class ResilientStore:
                 # Admitted locally during an outage: the fallback gives the slot back now, the
                 # primary gets the real cost when it answers again.
                 self._enqueue(item)
-                await self.fallback.settle(*item)
+                try:
+                    await self.fallback.settle(item.tag, item.request_id, item.rules, item.actual)
+                except Exception as exc:  # one bad item must not cost the rest of the batch
+                    outcomes[index] = exc
             else:
                 for_primary.append(index)
         if not for_primary:
@@ -123,15 +148,15 @@ class ResilientStore:
             return outcomes
         try:
             results = await self.primary.settle_many(batch)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             self._primary_down_until = time.monotonic() + self.retry_interval_s
             for item in batch:
-                self._enqueue(item)
+                self._enqueue(_for_replay(item, exc))
             return outcomes
         for index, result in zip(for_primary, results, strict=True):
             if _retryable(result):
                 self._primary_down_until = time.monotonic() + self.retry_interval_s
-                self._enqueue(settlements[index])
+                self._enqueue(_for_replay(settlements[index], result))
             else:
                 outcomes[index] = result
         return outcomes
@@ -148,24 +173,33 @@ class ResilientStore:
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), _FLUSH_BATCH))]
                 try:
                     results = await self.primary.settle_many(batch)
-                except StoreUnavailable:
-                    self._requeue(batch)
+                except StoreUnavailable as exc:
+                    self._requeue([_for_replay(item, exc) for item in batch])
                     break
                 except asyncio.CancelledError:
                     # Cancelled mid-write: it may or may not have landed; keep it rather than lose it.
-                    self._requeue(batch)
+                    self._requeue([_for_replay(item, StoreOutcomeUnknown()) for item in batch])
                     raise
                 except Exception:
-                    log.exception("writing queued quota settlements failed; keeping them for the next retry")
-                    self._requeue(batch)
+                    self._flush_errors += 1
+                    if self._flush_errors < _MAX_FLUSH_ERRORS:
+                        log.exception("writing queued quota settlements failed; keeping them for the next retry")
+                        self._requeue(batch)
+                    else:  # a bug, not an outage: retrying it forever would block everything behind it
+                        self._flush_errors = 0
+                        self._dropped(len(batch))
+                        log.exception("writing queued quota settlements kept failing; dropped %d", len(batch))
                     break
-                unwritten = [item for item, result in zip(batch, results, strict=True) if _retryable(result)]
+                self._flush_errors = 0
+                unwritten = [
+                    _for_replay(item, result) for item, result in zip(batch, results, strict=True) if _retryable(result)
+                ]
                 for result in results:
                     if result is None:
                         written += 1
                     elif not _retryable(result):
                         # A settlement the primary rejects for good must not block all the others behind it.
-                        self.dropped_settlements += 1
+                        self._dropped(1)
                         log.error("quota store rejected a queued settlement; dropped it: %s", result)
                 if unwritten:
                     self._requeue(unwritten)
@@ -186,6 +220,10 @@ class ResilientStore:
         await self.primary.close()
         await self.fallback.close()
 
+    def _dropped(self, count: int) -> None:
+        self.dropped_settlements += count
+        metrics.QUOTA_DROPPED.inc(count)
+
     def _enqueue(self, settlement: Settlement) -> None:
         self._queue.append(settlement)
         self._trim()
@@ -199,7 +237,7 @@ class ResilientStore:
     def _trim(self) -> None:
         while len(self._queue) > self.max_pending:
             self._queue.popleft()
-            self.dropped_settlements += 1
+            self._dropped(1)
 
     def _ensure_task(self) -> None:
         if self._queue and (self._task is None or self._task.done()):

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -30,6 +30,10 @@ class ReplyError(Exception):
 
 class RespUnavailable(Exception):
     """Redis could not be reached, or stopped answering: the connection is closed."""
+
+
+class RespNoReply(RespUnavailable):
+    """The commands were written but their replies never came: Redis may have run them."""
 
 
 def bulk(arg: bytes) -> bytes:
@@ -47,7 +51,7 @@ class RedisAddress:
     port: int
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
 
     @classmethod
@@ -108,11 +112,16 @@ class RespConnection:
         self.address = RedisAddress.from_url(url)
         self.timeout_s = timeout_s
         self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        # The connect attempt in progress: callers arriving meanwhile share its outcome, so a
+        # black-holed Redis costs each of them one timeout, not one per caller queued before it.
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._closed = False
 
     async def execute(self, commands: list[bytes]) -> list[Any]:
         """Send commands in one write; their replies in order, error replies as ReplyError instances."""
-        protocol = await self._connected()
+        return await self._send(await self._connected(), commands)
+
+    async def _send(self, protocol: _Protocol, commands: list[bytes]) -> list[Any]:
         assert protocol.transport is not None
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
@@ -121,17 +130,26 @@ class RespConnection:
         # One timer for the batch: if the last reply is late, the connection is out of step for everyone.
         timer = loop.call_later(self.timeout_s, protocol.fail, RespUnavailable(f"no reply within {self.timeout_s:g}s"))
         try:
-            replies: list[Any] = []
+            # hiredis returns error replies as ReplyError objects: only a failed connection raises here.
+            return [await future for future in futures]
+        except BaseException as exc:
+            # The connection failed (or we were cancelled): the replies still owed to this batch will
+            # never be read, so settle their futures here rather than leave errors nobody retrieves.
             for future in futures:
-                try:
-                    replies.append(await future)
-                except ReplyError as exc:
-                    replies.append(exc)
-            return replies
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()
+            if isinstance(exc, RespUnavailable):
+                raise RespNoReply(str(exc)) from None
+            raise
         finally:
             timer.cancel()
 
     async def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
         if self._protocol is not None:
             self._protocol.fail(RespUnavailable("client closed"))
             self._protocol = None
@@ -140,12 +158,17 @@ class RespConnection:
         protocol = self._protocol
         if protocol is not None and not protocol.closed:
             return protocol
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:  # one connect attempt at a time; the others use its result
-            if self._protocol is None or self._protocol.closed:
-                self._protocol = await self._connect()
-            return self._protocol
+        if self._closed:
+            raise RespUnavailable("client closed")
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            # Shielded: a caller that gives up must not cancel the attempt the others are waiting on.
+            return await asyncio.shield(self._connecting)
+        except asyncio.CancelledError:
+            if self._closed:
+                raise RespUnavailable("client closed") from None
+            raise
 
     async def _connect(self) -> _Protocol:
         address, loop = self.address, asyncio.get_running_loop()
@@ -161,17 +184,16 @@ class RespConnection:
             setup.append(pack(b"AUTH", *user, address.password.encode()))
         if address.db:
             setup.append(pack(b"SELECT", b"%d" % address.db))
-        if setup:
-            self._protocol = protocol
-            try:
-                replies = await self.execute(setup)
-            finally:
-                self._protocol = None
-            for reply in replies:
-                if isinstance(reply, ReplyError):
-                    protocol.fail(RespUnavailable("connection setup failed"))
-                    # The reply names the failing step (e.g. WRONGPASS); it never echoes the password.
-                    raise RespUnavailable(f"Redis refused the connection setup: {reply}")
+        # Published only once set up: a command sent before AUTH would be refused with NOAUTH.
+        for reply in await self._send(protocol, setup) if setup else []:
+            if isinstance(reply, ReplyError):
+                protocol.fail(RespUnavailable("connection setup failed"))
+                # The reply names the failing step (e.g. WRONGPASS); it never echoes the password.
+                raise RespUnavailable(f"Redis refused the connection setup: {reply}")
+        if self._closed:
+            protocol.fail(RespUnavailable("client closed"))
+            raise RespUnavailable("client closed")
+        self._protocol = protocol
         return protocol
 
     async def ping(self) -> bool:

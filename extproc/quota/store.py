@@ -37,10 +37,17 @@ class Settlement(NamedTuple):
     request_id: str
     rules: list[LimitRule]
     actual: list[int]  # the real cost per rule
+    # Set on a replay of a settlement that may have landed already (it was sent, no answer came):
+    # without its reservation it changes no counter, so it can never be charged twice.
+    only_if_reserved: bool = False
 
 
 class StoreUnavailable(Exception):
     """The shared store cannot be reached; the policy decides fail-open or fail-closed."""
+
+
+class StoreOutcomeUnknown(StoreUnavailable):
+    """The call was sent but no answer came (timeout, connection lost): the store may have applied it."""
 
 
 class QuotaStore(Protocol):
@@ -55,8 +62,10 @@ class QuotaStore(Protocol):
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         """Settle a batch in one exchange with the store; per item, the error it met, if any.
 
-        Raises `StoreUnavailable` when the store could not be asked at all (nothing was written
-        for sure); per-item errors mean the store refused that one settlement.
+        Raises `StoreUnavailable` when the store could not be asked at all (nothing was written),
+        `StoreOutcomeUnknown` when it was asked but did not answer (some may have been written);
+        per-item errors mean the store refused that one settlement, or, as `StoreUnavailable`,
+        could not take it now.
         """
         ...
 
