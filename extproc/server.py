@@ -175,6 +175,12 @@ def _supervise(options: ServeOptions) -> int:
 
 
 def configure_logging(level: str) -> None:
+    # The access log writes a line per request: skip what our format never prints (the calling
+    # frame, thread and process names); the logging docs' "Optimization" section names these switches.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=level.upper(),
         stream=sys.stderr,
