@@ -19,7 +19,7 @@ import redis.asyncio
 from extproc.quota.memory import MemoryStore
 from extproc.quota.redis_store import RedisStore
 from extproc.quota.resilient import ResilientStore
-from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, Settlement, StoreUnavailable
+from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, Settlement, SettlesInBatches, StoreUnavailable
 from tests.redis_server import RedisServer
 
 MINUTE_MS = 60_000
@@ -569,7 +569,7 @@ async def test_memory_store_forgets_what_has_expired() -> None:
 # --- ResilientStore ---------------------------------------------------------------------------
 
 
-class FlakyStore:
+class FlakyStore(SettlesInBatches):
     """A MemoryStore that can be taken down, recording the settlements it accepted."""
 
     def __init__(self, settle_delays_s: dict[str, float] | None = None) -> None:
@@ -586,11 +586,6 @@ class FlakyStore:
         if self.down:
             raise StoreUnavailable("down")
         return await self.inner.admit(tag, request_id, rules, costs, now_ms, expires_at_ms)
-
-    async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
-        (outcome,) = await self.settle_many([Settlement(tag, request_id, rules, actual)])
-        if outcome is not None:
-            raise outcome
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         # One exchange: slow as its slowest items together, and all or nothing when the store is down.

@@ -24,7 +24,14 @@ import orjson
 
 from extproc.quota.memory import MAX_RELEASES_PER_ADMIT
 from extproc.quota.resp import ReplyError, RespConnection, RespNoReply, RespUnavailable, bulk, pack
-from extproc.quota.store import AdmitResult, LimitRule, Settlement, StoreOutcomeUnknown, StoreUnavailable
+from extproc.quota.store import (
+    AdmitResult,
+    LimitRule,
+    Settlement,
+    SettlesInBatches,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+)
 
 # Reservation bookkeeping outlives what it describes by this much, so a late settlement still finds it.
 _SLACK_MS = 60_000
@@ -165,6 +172,7 @@ _UNAVAILABLE_REPLIES = (
 )
 _PIPELINE_MAX = 128  # calls per pipeline; a bigger burst goes out as several pipelines at once
 _Call = bytes  # one packed EVALSHA command
+_PREFIX_CACHE_MAX = 4096
 
 
 @dataclass(slots=True)
@@ -174,9 +182,6 @@ class _Admission:
     tag: str  # the rest: to give the reservation back if its caller left before the reply came
     request_id: str
     rules: list[LimitRule]
-
-
-_PREFIX_CACHE_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +215,7 @@ def _kind(rule: LimitRule) -> str:
     return "c" if rule.kind == "counter" else "z"
 
 
-class RedisStore:
+class RedisStore(SettlesInBatches):
     def __init__(self, url: str, *, timeout_s: float = 0.25) -> None:
         # timeout_s bounds connecting and every reply: a store slower than that is unavailable to us.
         # No retries here: admission is not idempotent, and the caller has its own fallback.
@@ -297,11 +302,6 @@ class RedisStore:
         # Best effort: if this fails too, the reservations expire on their own.
         with contextlib.suppress(StoreUnavailable):
             await self.settle_many(settlements)
-
-    async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
-        (outcome,) = await self.settle_many([Settlement(tag, request_id, rules, actual)])
-        if outcome is not None:
-            raise outcome
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         """Every settlement of the batch in one pipeline: one round trip, not one per request."""

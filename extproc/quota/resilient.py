@@ -27,6 +27,7 @@ from extproc.quota.store import (
     LimitRule,
     QuotaStore,
     Settlement,
+    SettlesInBatches,
     StoreOutcomeUnknown,
     StoreUnavailable,
 )
@@ -53,7 +54,7 @@ def _for_replay(item: Settlement, failure: BaseException | None) -> Settlement:
     return item
 
 
-class ResilientStore:
+class ResilientStore(SettlesInBatches):
     def __init__(
         self,
         primary: QuotaStore,
@@ -119,11 +120,6 @@ class ResilientStore:
                 self.fail_open_admissions,
             )
         return result
-
-    async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
-        (outcome,) = await self.settle_many([Settlement(tag, request_id, rules, actual)])
-        if outcome is not None:
-            raise outcome
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = [None] * len(settlements)

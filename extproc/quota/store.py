@@ -70,3 +70,15 @@ class QuotaStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class SettlesInBatches:
+    """Base for stores whose real settlement call is `settle_many`: `settle` is a batch of one."""
+
+    async def settle(self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int]) -> None:
+        (outcome,) = await self.settle_many([Settlement(tag, request_id, rules, actual)])
+        if outcome is not None:
+            raise outcome
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
+        raise NotImplementedError
