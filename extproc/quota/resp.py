@@ -185,7 +185,11 @@ class RespConnection:
         if address.db:
             setup.append(pack(b"SELECT", b"%d" % address.db))
         # Published only once set up: a command sent before AUTH would be refused with NOAUTH.
-        for reply in await self._send(protocol, setup) if setup else []:
+        try:
+            replies = await self._send(protocol, setup) if setup else []
+        except RespNoReply as exc:  # the callers' own commands were never sent: plainly unavailable
+            raise RespUnavailable(f"no answer to the connection setup: {exc}") from None
+        for reply in replies:
             if isinstance(reply, ReplyError):
                 protocol.fail(RespUnavailable("connection setup failed"))
                 # The reply names the failing step (e.g. WRONGPASS); it never echoes the password.
