@@ -289,8 +289,7 @@ class RedisStore(SettlesInBatches):
                 # The caller left while Redis decided: nobody will settle this, so give it back now
                 # rather than hold the tokens and slots until the reservation expires.
                 if not isinstance(result, BaseException) and int(result[0]):
-                    zero = [0] * len(admission.rules)
-                    abandoned.append(Settlement(admission.tag, admission.request_id, admission.rules, zero))
+                    abandoned.append(Settlement.release(admission.tag, admission.request_id, admission.rules))
             elif isinstance(result, BaseException):
                 admission.reply.set_exception(result)
             else:

@@ -102,7 +102,7 @@ class ResilientStore(SettlesInBatches):
             if isinstance(failure, StoreOutcomeUnknown):
                 # The admission may have landed, and this request is refused: give it back once the
                 # primary answers (a fail-open admission instead settles through the queue as usual).
-                self._enqueue(Settlement(tag, request_id, rules, [0] * len(rules), only_if_reserved=True))
+                self._enqueue(Settlement.release(tag, request_id, rules, only_if_reserved=True))
             raise failure
         result = await self.fallback.admit(tag, request_id, rules, costs, now_ms, expires_at_ms)
         self.fail_open_admissions += 1
@@ -174,7 +174,7 @@ class ResilientStore(SettlesInBatches):
                     break
                 except asyncio.CancelledError:
                     # Cancelled mid-write: it may or may not have landed; keep it rather than lose it.
-                    self._requeue([_for_replay(item, StoreOutcomeUnknown()) for item in batch])
+                    self._requeue([item._replace(only_if_reserved=True) for item in batch])
                     raise
                 except Exception:
                     self._flush_errors += 1

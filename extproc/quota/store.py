@@ -41,6 +41,13 @@ class Settlement(NamedTuple):
     # without its reservation it changes no counter, so it can never be charged twice.
     only_if_reserved: bool = False
 
+    @classmethod
+    def release(
+        cls, tag: str, request_id: str, rules: list[LimitRule], *, only_if_reserved: bool = False
+    ) -> Settlement:
+        """Give a reservation back unused: every rule's real cost is zero."""
+        return cls(tag, request_id, rules, [0] * len(rules), only_if_reserved)
+
 
 class StoreUnavailable(Exception):
     """The shared store cannot be reached; the policy decides fail-open or fail-closed."""
