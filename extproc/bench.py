@@ -5,7 +5,8 @@ by `extproc.stack.LocalStack` on free loopback ports:
 
 * A ``direct``  -- Envoy routes straight to the upstream (no ext_proc filter);
 * B ``null``    -- Envoy + a null ext_proc that answers CONTINUE to the same messages
-  (B-cal: the same, spinning the gateway's own in-process time per request);
+  (B-replay: the same, sending the gateway's own replies; B-cal: spinning the
+  gateway's own in-process time per request);
 * C ``gateway`` -- Envoy + `extproc serve` with the example policy (``--log-level warning``),
   plus the same with info logging and with two worker processes.
 
@@ -68,6 +69,7 @@ TARGET_ADDED_P99_MS = 5.0
 TARGET_SSE_ADDED_P99_MS = 2.0  # per chunk, over direct
 TARGET_MEMORY_GROWTH_MIB = 2.0  # "flat": peak RSS at most this much above the start
 TARGET_WORKER_SCALING = 1.6  # 2 workers >= 1.6x one worker
+SCALING_BUSY_LIMIT = 0.9  # "where cores allow": with 1 worker the machine must have a tenth of its cores idle
 
 # This machine is shared: a measured run during which other processes used more than this share
 # of it is thrown away and repeated, at most MAX_RETRIES times.
@@ -126,6 +128,7 @@ class Config:
     replicas: int = 1  # separate `extproc serve` processes on their own ports; Envoy round-robins
     redis: bool = False  # quotas in a private redis-server (the production store) instead of memory
     null_busy_us: float = 0.0  # null only: pure-Python microseconds burnt per request (set at run time)
+    null_replay: Path | None = None  # null only: the gateway's recorded replies to send (set at run time)
 
     @property
     def has_extproc(self) -> bool:
@@ -142,6 +145,8 @@ GATEWAY_REDIS = Config("C-redis", "gateway, 1 worker, quotas in Redis", "gateway
 GATEWAY_NO_TENANTS = Config("C-noq", "gateway, no tenants (no auth, no quotas)", "gateway", tenants=False)
 # The null ext_proc spinning, per request, as long as the gateway's own Python takes in isolation.
 NULL_CALIBRATED = Config("B-cal", "null ext_proc + the gateway's in-process time as pure spin", "null")
+# The null ext_proc sending the gateway's own replies: Envoy does everything our decisions ask of it.
+NULL_REPLAY = Config("B-replay", "null ext_proc sending the gateway's replies (mutations, new body)", "null")
 
 
 # --- small helpers ----------------------------------------------------------------------
@@ -337,6 +342,7 @@ def _started_stack(
         token_delay_ms=token_delay_ms,
         redis_url=redis_url,
         null_busy_us=config.null_busy_us,
+        null_replay=config.null_replay,
     )
     with running(stack):
         yield stack
@@ -1025,6 +1031,30 @@ def _exchange_messages(body: bytes) -> list[bytes]:
     return [m.SerializeToString() for m in messages]
 
 
+def record_gateway_replies(policy_path: Path, body: bytes) -> dict[str, bytes]:
+    """What the gateway answers to each of the four messages of the benchmark request."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.core import Gateway
+    from extproc.processor import RequestStream
+    from extproc.quota.memory import MemoryStore
+    from extproc.quota.service import QuotaService
+    from extproc.wire import to_wire
+
+    policy = load_policy(policy_path)
+
+    async def record() -> dict[str, bytes]:
+        quotas = QuotaService(policy, MemoryStore()) if policy.tenants else None
+        stream = RequestStream(Gateway(policy), quotas)
+        replies = {}
+        for raw in _exchange_messages(body):
+            request = pb.ProcessingRequest.FromString(raw)
+            replies[str(request.WhichOneof("request"))] = to_wire(await stream.handle(request))
+        return replies
+
+    return asyncio.run(record())
+
+
 def measure_in_process(settings: Settings, policy_path: Path, batch: int = 2000, batches: int = 5) -> InProcess:
     """CPU per request of everything our Python does for one request: parse the four messages,
     authenticate, validate, count, admit (memory store), rewrite, read usage, settle, build replies.
@@ -1207,7 +1237,12 @@ def run(settings: Settings, *, profile: bool, work_dir: Path, base_policy: Path 
     log("in-process cost of one gateway request")
     report.in_process = measure_in_process(settings, policy)
     calibrated = dataclasses.replace(NULL_CALIBRATED, null_busy_us=round(report.in_process.microseconds, 1))
-    configs: tuple[Config, ...] = (DIRECT, NULL, calibrated, GATEWAY, GATEWAY_INFO, GATEWAY_2W, GATEWAY_2R)
+    from extproc.null_processor import dump_replies
+
+    replies = work_dir / "gateway-replies.json"
+    dump_replies(record_gateway_replies(policy, chat_body(settings.max_tokens)), replies)
+    replay = dataclasses.replace(NULL_REPLAY, null_replay=replies)
+    configs: tuple[Config, ...] = (DIRECT, NULL, replay, calibrated, GATEWAY, GATEWAY_INFO, GATEWAY_2W, GATEWAY_2R)
     if load_policy(policy).tenants:
         configs += (GATEWAY_REDIS, GATEWAY_NO_TENANTS)
 
@@ -1432,6 +1467,7 @@ def render(report: Report, command: str) -> str:
         ("B/A (null vs direct)", paired_ratio(sat, "B", "A")),
         ("C/A (gateway vs direct)", paired_ratio(sat, "C", "A")),
         ("C/B (gateway vs null)", paired_ratio(sat, "C", "B")),
+        ("B-replay/B (null sending the gateway's replies, vs null)", paired_ratio(sat, "B-replay", "B")),
         ("B-cal/B (null + the gateway's in-process time as spin, vs null)", paired_ratio(sat, "B-cal", "B")),
         ("C-info/C (info vs warning logs)", paired_ratio(sat, "C-info", "C")),
         ("C-2w/C (2 workers vs 1)", paired_ratio(sat, "C-2w", "C")),
@@ -1564,20 +1600,38 @@ def render(report: Report, command: str) -> str:
 
 
 def _calibration_lines(report: Report) -> list[str]:
-    """What the gateway's own Python costs in isolation, and what the same time costs under load."""
+    """Where C's distance to B comes from: Envoy's share, our Python as spin, and the rest."""
     cost, sat = report.in_process, report.saturation
     if cost is None:
         return []
     lines = [
-        "### Calibration: our Python, in isolation and under load",
+        "### Where the gateway's cost goes",
         "",
         f"In process (no gRPC, no Envoy, no sockets), one whole gateway request costs **{cost.microseconds:.1f} µs** "
         f"of CPU (median of {len(cost.batches)} batches: {', '.join(f'{b:.1f}' for b in cost.batches)}): parsing "
         "the four ext_proc messages, authentication, validation, token counting, quota admission (memory store), "
-        "the body rewrite, reading usage, settlement and building the replies. **B-cal** is the null ext_proc "
-        "spinning that long in pure Python per request.",
+        "the body rewrite, reading usage, settlement and building the replies. Two null variants split C/B:",
+        "",
+        "- **B-replay** answers with the replies the gateway gives the benchmark request (routing headers, the "
+        "rewritten body, `clear_route_cache`, x-ratelimit-* headers), recorded in process: Envoy and the upstream "
+        "do everything the gateway's decisions ask of them, the ext_proc still does no work. B-replay/B is the "
+        "part of C/B that is not the ext_proc's own work.",
+        "- **B-cal** spins the in-process time above in pure Python per request: what that much Python costs "
+        "under load when it stays in cache. C/B-cal is what the same time costs as the real code, whose code and "
+        "data Envoy, the upstream and wrk evict between requests on the same two cores.",
     ]
     b, c, cal = sat.get("B"), sat.get("C"), sat.get("B-cal")
+    parts = [
+        (key, paired_ratio(sat, top, bottom))
+        for key, top, bottom in (
+            ("B-replay/B", "B-replay", "B"),
+            ("B-cal/B", "B-cal", "B"),
+            ("C/B-cal", "C", "B-cal"),
+            ("C/B", "C", "B"),
+        )
+    ]
+    if all(not math.isnan(r) for _, r in parts):
+        lines += ["", "Ratios: " + "; ".join(f"{key} **{r:.2f}x**" for key, r in parts) + "."]
     if b is not None and c is not None and cal is not None:
         b_cpu, c_cpu = b.per_request_us(b.extproc_cpu_s), c.per_request_us(c.extproc_cpu_s)
         cal_cpu = cal.per_request_us(cal.extproc_cpu_s)
@@ -1585,10 +1639,8 @@ def _calibration_lines(report: Report) -> list[str]:
             lines += [
                 "",
                 f"Under saturation the ext_proc's CPU per request grows by {cal_cpu - b_cpu:.0f} µs for B-cal and by "
-                f"{c_cpu - b_cpu:.0f} µs for C over B. A spin loop stays in cache; the gateway's code and data "
-                "are evicted between requests by Envoy, the upstream and wrk on the same two cores, so the same "
-                "work costs more there than in isolation. B-cal/B is the throughput any Python ext_proc doing "
-                "that much work per request can reach on this machine.",
+                f"{c_cpu - b_cpu:.0f} µs for C over B (a busier loop also batches more events per wake-up, so "
+                "the null's own share shrinks).",
             ]
     lines.append("")
     return lines
@@ -1637,13 +1689,19 @@ def targets(report: Report) -> list[tuple[str, str, bool | None]]:
         growth = report.memory.peak_mib - report.memory.start_mib
         name = f"memory flat over {report.memory.events:,} chunks (peak - start ≤ {TARGET_MEMORY_GROWTH_MIB:g} MiB)"
         out.append((name, f"{growth:+.2f} MiB", growth <= TARGET_MEMORY_GROWTH_MIB))
-    if "C" in sat and "C-2w" in sat:
-        r = paired_ratio(sat, "C-2w", "C")
-        out.append((f"2 workers ≥ {TARGET_WORKER_SCALING}x 1 worker", f"{r:.2f}x", r >= TARGET_WORKER_SCALING))
-    if "C" in sat and "C-2r" in sat:
-        r = paired_ratio(sat, "C-2r", "C")
-        name = f"(same bar, 2 replicas balanced by Envoy) ≥ {TARGET_WORKER_SCALING}x 1 worker"
-        out.append((name, f"{r:.2f}x", r >= TARGET_WORKER_SCALING))
+    for key, name in (
+        ("C-2w", f"2 workers ≥ {TARGET_WORKER_SCALING}x 1 worker, where cores allow"),
+        ("C-2r", f"(same bar, 2 replicas balanced by Envoy) ≥ {TARGET_WORKER_SCALING}x 1 worker"),
+    ):
+        if "C" in sat and key in sat:
+            r = paired_ratio(sat, key, "C")
+            busy = sat["C"].machine_busy
+            if busy >= SCALING_BUSY_LIMIT:
+                # A second worker needs a core the first one leaves idle; here Envoy, the upstream and
+                # wrk already use the rest, so the bar cannot be judged on this machine.
+                out.append((name, f"{r:.2f}x (1 worker already keeps all cores {100 * busy:.0f}% busy)", None))
+            else:
+                out.append((name, f"{r:.2f}x", r >= TARGET_WORKER_SCALING))
     return out
 
 

@@ -114,7 +114,7 @@ Press Ctrl-C to stop.""",
 def _cmd_null(args: argparse.Namespace) -> int:
     from extproc.null_processor import main as null_main
 
-    return null_main(args.listen, busy_us=args.busy_us)
+    return null_main(args.listen, busy_us=args.busy_us, replay=Path(args.replay) if args.replay else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="burn this many microseconds of pure Python per request (a calibration point for the benchmark)",
+    )
+    null.add_argument(
+        "--replay",
+        help="answer request bodies and JSON response headers with recorded gateway replies (written by the bench)",
     )
     null.set_defaults(func=_cmd_null)
     return parser

@@ -7,15 +7,23 @@ With `busy_us` it also spins that long in pure Python per request (half on the
 request headers, half on the body, where the gateway does its work): a calibration
 point for what a given amount of per-request Python costs in throughput on the
 machine at hand, compared with what it costs in isolation.
+
+With `replies` it answers the request body and a JSON response's headers with
+replies the gateway recorded for the benchmark request (routing headers, the
+rewritten body, `clear_route_cache`, x-ratelimit-* headers): Envoy then does all
+the work the gateway's decisions ask of it, while the ext_proc still does none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import grpc
+import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -32,11 +40,28 @@ _REPLIES = {
     "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()).SerializeToString(),
 }
 _RESPONSE_HEADERS = RESPONSE_HEADERS_WITH_MODE
+REPLAYED = ("request_body", "response_headers")  # the replies that carry the gateway's decisions
+
+
+def load_replies(path: Path) -> dict[str, bytes]:
+    """Recorded replies: a JSON object of message kind -> base64 of a serialized ProcessingResponse."""
+    recorded = orjson.loads(path.read_bytes())
+    replies = {kind: base64.b64decode(recorded[kind]) for kind in REPLAYED}
+    for kind, raw in replies.items():
+        if pb.ProcessingResponse.FromString(raw).WhichOneof("response") != kind:
+            raise ValueError(f"{path}: the recorded {kind} reply answers another message")
+    return replies
+
+
+def dump_replies(replies: Mapping[str, bytes], path: Path) -> None:
+    path.write_bytes(orjson.dumps({kind: base64.b64encode(replies[kind]).decode() for kind in REPLAYED}))
 
 
 class NullProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, busy_us: float = 0.0) -> None:
+    def __init__(self, busy_us: float = 0.0, replies: Mapping[str, bytes] | None = None) -> None:
         self.busy_s = busy_us / 2e6  # per request phase; two phases per request
+        self.replies = {**_REPLIES, **({"request_body": replies["request_body"]} if replies else {})}
+        self.json_response_headers = replies["response_headers"] if replies else _RESPONSE_HEADERS[BodyMode.BUFFERED]
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -50,9 +75,9 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):
                     h.key == "content-type" and h.raw_value.startswith(b"text/event-stream")
                     for h in request.response_headers.headers.headers
                 )
-                yield _RESPONSE_HEADERS[BodyMode.STREAMED if is_sse else BodyMode.BUFFERED]
+                yield _RESPONSE_HEADERS[BodyMode.STREAMED] if is_sse else self.json_response_headers
             else:
-                yield _REPLIES[kind]
+                yield self.replies[kind]
 
 
 def _spin(seconds: float) -> None:
@@ -61,21 +86,22 @@ def _spin(seconds: float) -> None:
         pass
 
 
-async def run(listen: str, busy_us: float = 0.0) -> None:
+async def run(listen: str, busy_us: float = 0.0, replies: Mapping[str, bytes] | None = None) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    add_processor_to_server(NullProcessor(busy_us), server)
+    add_processor_to_server(NullProcessor(busy_us, replies), server)
     server.add_insecure_port(listen)
     await server.start()
     await server.wait_for_termination()
 
 
-def main(listen: str, *, busy_us: float = 0.0) -> int:
+def main(listen: str, *, busy_us: float = 0.0, replay: Path | None = None) -> int:
+    replies = load_replies(replay) if replay is not None else None
     try:
         import uvloop
 
-        uvloop.run(run(listen, busy_us))
+        uvloop.run(run(listen, busy_us, replies))
     except ImportError:
-        asyncio.run(run(listen, busy_us))
+        asyncio.run(run(listen, busy_us, replies))
     except KeyboardInterrupt:
         pass
     return 0

@@ -136,6 +136,7 @@ class LocalStack:
     redis_url: str | None = None
     replicas: int = 1  # separate `extproc serve` processes, each its own port, like pods
     null_busy_us: float = 0.0  # extproc="null" only: pure-Python microseconds burnt per request
+    null_replay: Path | None = None  # extproc="null" only: recorded gateway replies to send (null_processor)
     # See EnvoySetup. None: 4 when workers > 1, so the kernel has connections to spread over them.
     extproc_streams_per_connection: int | None = None
     work_dir: Path | None = None
@@ -196,6 +197,8 @@ class LocalStack:
                 argv = self._python("null-extproc", "--listen", listen)
                 if self.null_busy_us:
                     argv += ["--busy-us", str(self.null_busy_us)]
+                if self.null_replay is not None:
+                    argv += ["--replay", str(self.null_replay)]
             else:
                 argv = self._python(
                     "serve",

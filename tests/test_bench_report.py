@@ -36,3 +36,47 @@ def test_in_process_cost_of_one_request_is_measured(tmp_path: Path) -> None:
     cost = bench.measure_in_process(Settings(), policy, batch=50, batches=3)
     assert len(cost.batches) == 3
     assert 0 < cost.microseconds < 10_000
+
+
+def busy_saturation(config: bench.Config, rates: list[float], busy: float) -> Saturation:
+    rounds = [
+        Round(WrkResult(int(rate * 8), 8.0, 0, 1.0, 2.0), 1.0, 1.0, 1.0, int(100 * busy), 100, 0.0, {})
+        for rate in rates
+    ]
+    return Saturation(config, rounds)
+
+
+def test_worker_scaling_is_judged_only_where_a_core_is_left_idle() -> None:
+    report = Report(Settings())
+    report.saturation = {
+        "C": busy_saturation(GATEWAY, [1000, 1000], busy=0.95),
+        "C-2w": busy_saturation(bench.GATEWAY_2W, [1050, 1000], busy=0.99),
+    }
+    (row,) = [t for t in targets(report) if t[0].startswith("2 workers")]
+    assert row[2] is None and "95% busy" in row[1]
+
+    report.saturation["C"] = busy_saturation(GATEWAY, [1000, 1000], busy=0.6)
+    (row,) = [t for t in targets(report) if t[0].startswith("2 workers")]
+    assert row[1:] == ("1.02x", False)
+
+
+def test_recorded_replies_carry_the_gateway_decisions(tmp_path: Path) -> None:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.null_processor import dump_replies, load_replies
+
+    replies = bench.record_gateway_replies(bench.bench_policy(tmp_path), bench.chat_body(8))
+    assert set(replies) == {"request_headers", "request_body", "response_headers", "response_body"}
+    path = tmp_path / "replies.json"
+    dump_replies(replies, path)
+    loaded = load_replies(path)
+    body = pb.ProcessingResponse.FromString(loaded["request_body"]).request_body.response
+    assert body.clear_route_cache and body.body_mutation.body
+    assert "x-llm-backend" in {h.header.key for h in body.header_mutation.set_headers}
+    headers = pb.ProcessingResponse.FromString(loaded["response_headers"]).response_headers.response
+    assert "x-ratelimit-remaining-requests" in {h.header.key for h in headers.header_mutation.set_headers}
+
+    swapped = {"request_body": replies["response_headers"], "response_headers": replies["request_body"]}
+    dump_replies(swapped, path)
+    with pytest.raises(ValueError, match="answers another message"):
+        load_replies(path)
