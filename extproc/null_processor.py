@@ -60,8 +60,11 @@ def dump_replies(replies: Mapping[str, bytes], path: Path) -> None:
 class NullProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, busy_us: float = 0.0, replies: Mapping[str, bytes] | None = None) -> None:
         self.busy_s = busy_us / 2e6  # per request phase; two phases per request
-        self.replies = {**_REPLIES, **({"request_body": replies["request_body"]} if replies else {})}
-        self.json_response_headers = replies["response_headers"] if replies else _RESPONSE_HEADERS[BodyMode.BUFFERED]
+        self.replies = dict(_REPLIES)
+        self.json_response_headers = _RESPONSE_HEADERS[BodyMode.BUFFERED]
+        if replies is not None:
+            self.replies["request_body"] = replies["request_body"]
+            self.json_response_headers = replies["response_headers"]
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
