@@ -905,6 +905,7 @@ class TokenRow:
     body_kib: float
     count_ms: float
     decision_ms: float
+    loop_stall_ms: float  # longest the adapter's event loop could not run anything else meanwhile
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -986,8 +987,41 @@ def measure_tokenization(settings: Settings, policy_path: Path) -> list[TokenRow
         raw = chat_body(16, content=text)
         count_ms = _median_ms(functools.partial(counter.count, text), settings.token_repeats)
         decision_ms = _median_ms(functools.partial(gateway.on_request_body, translator, raw), settings.token_repeats)
-        rows.append(TokenRow(target, tokens, len(raw) / 1024.0, count_ms, decision_ms))
+        stall_ms = statistics.median(asyncio.run(loop_stall_ms(gateway, raw)) for _ in range(settings.token_repeats))
+        rows.append(TokenRow(target, tokens, len(raw) / 1024.0, count_ms, decision_ms, stall_ms))
     return rows
+
+
+_TICK_S = 0.001
+
+
+async def loop_stall_ms(gateway: Any, raw: bytes) -> float:
+    """How long the event loop is held while the adapter decides this body: the longest gap, beyond
+    the tick itself, between the ticks of a coroutine that wakes every millisecond meanwhile."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.processor import RequestStream
+
+    head, body = (pb.ProcessingRequest.FromString(m) for m in _exchange_messages(raw)[:2])
+    stream = RequestStream(gateway)
+    await stream.handle(head)
+    longest, deciding = 0.0, True
+
+    async def tick() -> None:
+        nonlocal longest
+        last = time.perf_counter()
+        while deciding:
+            await asyncio.sleep(_TICK_S)
+            now = time.perf_counter()
+            longest = max(longest, now - last - _TICK_S)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    await stream.handle(body)
+    deciding = False
+    await ticker
+    return longest * 1000
 
 
 @dataclass
@@ -1557,20 +1591,26 @@ def render(report: Report, command: str) -> str:
         ]
 
     if report.tokens:
+        from extproc.processor import OFFLOAD_BODY_BYTES
+
         lines += [
             "## 6. Tokenization and decision time (in process, no load)",
             "",
             "`counter_for(TokenizerSpec())` (tiktoken cl100k_base) `.count(text)`, and the whole "
             "`Gateway.on_request_body` for a one-message chat body of that text (JSON parse, validation, "
-            f"count, caps, rewrite), policy caps raised to 200k tokens; median of {s.token_repeats} runs.",
+            f"count, caps, rewrite), policy caps raised to 200k tokens; median of {s.token_repeats} runs. "
+            "*Loop stall* is how long the adapter's event loop, which serves every other stream, is held "
+            "while `RequestStream` decides that body: bodies of "
+            f"{OFFLOAD_BODY_BYTES // 1024} KiB and more are decided in a worker thread, and the tokenizer "
+            "releases the GIL while it counts.",
             "",
-            "| target tokens | actual tokens | body KiB | count ms | on_request_body ms |",
-            "| ---: | ---: | ---: | ---: | ---: |",
+            "| target tokens | actual tokens | body KiB | count ms | on_request_body ms | loop stall ms |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for row in report.tokens:
             lines.append(
                 f"| {row.target:,} | {row.tokens:,} | {_f(row.body_kib, 0)} | {_f(row.count_ms)} | "
-                f"{_f(row.decision_ms)} |"
+                f"{_f(row.decision_ms)} | {_f(row.loop_stall_ms)} |"
             )
         lines.append("")
 
