@@ -18,13 +18,17 @@ from extproc.core import Gateway
 from extproc.policy import TokenizerSpec, load_policy
 from extproc.processor import OFFLOAD_BODY_BYTES, RequestStream
 from extproc.stack import LocalStack, free_port, running
-from extproc.tokenizer import counter_for
+from extproc.tokenizer import RememberedCounts, counter_for
 
 LONG_TOKENS = 60_000  # a few tens of milliseconds of counting: far longer than a short request takes
 
 
 def long_body() -> bytes:
-    text, _ = bench.text_of_tokens(LONG_TOKENS, counter_for(TokenizerSpec()).count)
+    """A long prompt whose count the gateway does not remember: it has to be counted."""
+    remembered = counter_for(TokenizerSpec())
+    assert isinstance(remembered, RememberedCounts)
+    text, _ = bench.text_of_tokens(LONG_TOKENS, remembered.counter.count)
+    remembered.clear()
     body = bench.chat_body(16, content=text)
     assert len(body) >= OFFLOAD_BODY_BYTES
     return body
