@@ -94,7 +94,8 @@ class RememberedCounts:
     def count(self, text: str) -> int:
         if len(text) < self.min_chars:
             return self.counter.count(text)
-        key = hashlib.blake2b(text.encode(), key=self._secret, digest_size=16).digest()
+        # surrogatepass: a lone surrogate must be hashed, not turned into an error.
+        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), key=self._secret, digest_size=16).digest()
         known = self._counts.get(key)
         if known is not None:
             return known

@@ -78,3 +78,11 @@ def test_threads_count_concurrently_without_losing_the_bound() -> None:
 
 def test_the_gateway_counts_through_remembered_counts() -> None:
     assert isinstance(counter_for(TokenizerSpec()), RememberedCounts)
+
+
+def test_a_lone_surrogate_is_counted_like_any_text() -> None:
+    calls = CountedCalls()
+    counter = RememberedCounts(calls, min_chars=16)
+    text = "x" * 40 + "\ud800" + "y" * 40
+    assert counter.count(text) == counter.count(text) == calls.tokenizer.count(text)
+    assert len(calls.seen) == 1
