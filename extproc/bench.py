@@ -45,13 +45,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import yaml
 
 from extproc.policy import PolicyError, example_policy_path, load_policy
 from extproc.stack import LocalStack, envoy_binary, free_port, running
+
+if TYPE_CHECKING:
+    from extproc.core import Gateway
 
 CHAT_PATH = "/v1/chat/completions"
 BENCH_MODEL = "llama-3.1-8b"  # routed to backend `small` by the example policy
@@ -1009,7 +1012,7 @@ def measure_tokenization(settings: Settings, policy_path: Path) -> list[TokenRow
 _TICK_S = 0.001
 
 
-async def loop_stall_ms(gateway: Any, raw: bytes) -> float:
+async def loop_stall_ms(gateway: Gateway, raw: bytes) -> float:
     """How long the event loop is held while the adapter decides this body: the longest gap, beyond
     the tick itself, between the ticks of a coroutine that wakes every millisecond meanwhile."""
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb

@@ -181,14 +181,15 @@ class RequestStream:
             return _CONTINUE_REQUEST_BODY
         endpoint = self.need.translator.endpoint
         admission: Admission | None = None
+        body = message.body  # each read of a protobuf bytes field is a fresh copy
         try:
-            if len(message.body) < OFFLOAD_BODY_BYTES:
-                admission = self.gateway.on_request_body(self.need.translator, message.body, self.need.identity)
+            if len(body) < OFFLOAD_BODY_BYTES:
+                admission = self.gateway.on_request_body(self.need.translator, body, self.need.identity)
             else:
                 # Counting a long prompt takes tens of milliseconds; the tokenizers release the GIL
                 # while they work, so in a thread it no longer stalls every other stream on the loop.
                 admission = await asyncio.to_thread(
-                    self.gateway.on_request_body, self.need.translator, message.body, self.need.identity
+                    self.gateway.on_request_body, self.need.translator, body, self.need.identity
                 )
             if self.quotas is not None and admission.identity is not None:
                 self.reservation = await self.quotas.admit(
