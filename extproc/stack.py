@@ -7,6 +7,8 @@ the very same processes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import random
 import shutil
 import signal
@@ -33,25 +35,56 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+# Ports handed out by this process, and the lock files that claim them from other processes.
+_HANDED_OUT: set[int] = set()
+_CLAIMS: list[int] = []  # open file descriptors holding a claim for this process's lifetime
+_CLAIM_DIR = Path(tempfile.gettempdir()) / "extproc-ports"
+
+
+def _claim(port: int) -> bool:
+    """Claim a port for this process's lifetime across every process that allocates here.
+
+    A probe bind alone reserves nothing: two allocations (here, or in another test or bench run)
+    could pick the same free port before either server binds it. An flock on a per-port file is
+    released by the kernel when the holder exits, so claims never outlive their process.
+    """
+    _CLAIM_DIR.mkdir(mode=0o777, exist_ok=True)
+    fd = os.open(_CLAIM_DIR / f"{port}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _CLAIMS.append(fd)
+    return True
+
+
+def _candidate_ports() -> range:
+    low, _ = _ephemeral_range()
+    return range(max(low - 12_000, 10_000), low)
+
+
 def free_port() -> int:
-    """A port nothing listens on, chosen below the kernel's ephemeral range.
+    """A port nothing listens on, never handed out twice, chosen below the kernel's ephemeral range.
 
     A port from bind(0) comes from the range the kernel also hands to outgoing connections: under
     load (wrk, many clients) one of those can take it between our probe and the server's bind.
     """
-    low, _ = _ephemeral_range()
-    candidates = range(max(low - 12_000, 10_000), low)
-    for _ in range(50):
-        port = random.choice(candidates) if len(candidates) > 100 else 0
+    candidates = _candidate_ports()
+    for _ in range(200):
+        port = random.choice(candidates)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return int(sock.getsockname()[1])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        if not _claim(port):
+            continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port found in {candidates.start}-{candidates.stop - 1}")
 
 
 def envoy_binary() -> str:
