@@ -214,12 +214,7 @@ class Gateway:
         if identity is not None:
             allowed = self._allowed[identity.tenant.name]
             if allowed is not None and model.name not in allowed:
-                raise GatewayError(
-                    403,
-                    f"Your organization does not have access to model `{requested_model}`.",
-                    param="model",
-                    code="model_not_allowed",
-                )
+                raise errors.model_not_allowed(requested_model)
         if translator.endpoint not in model.endpoints:
             raise errors.invalid_request(
                 f"Model `{requested_model}` does not serve the {translator.endpoint} endpoint "
@@ -231,7 +226,7 @@ class Gateway:
 
         notes: list[str] = []
         cost = translator.prompt_cost(body, model.counter, self.framing)
-        prompt_field = {"chat": "messages", "completions": "prompt", "embeddings": "input"}[translator.endpoint]
+        prompt_field = translator.prompt_field
         if cost.total > model.prompt_cap:
             raise errors.invalid_request(
                 f"The prompt is {cost.total} tokens; model `{requested_model}` accepts at most "
@@ -302,7 +297,7 @@ class Gateway:
             return completion, True
         if requested <= model.completion_cap:
             return requested, False
-        field_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        field_name = translator.completion_field(body)
         if model.cap_action == "reject":
             raise errors.invalid_request(
                 f"`{field_name}` is {requested}; model `{body['model']}` allows at most {model.completion_cap}.",

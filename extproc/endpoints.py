@@ -74,6 +74,7 @@ def _count_sequences(value: Any, counter: TokenCounter, field: str) -> PromptCos
 
 class Translator:
     endpoint: ClassVar[Endpoint]
+    prompt_field: ClassVar[str]  # the field that carries the prompt: what an error about its length names
     generates: ClassVar[bool] = True  # produces completion tokens (has max_tokens, stream)
     # Fields a backend always needs; a model's parameter allow-list never strips them.
     essential: ClassVar[frozenset[str]] = frozenset({"model", "stream", "stream_options", "max_tokens"})
@@ -93,6 +94,10 @@ class Translator:
     def requested_completion(self, body: dict[str, Any]) -> int | None:
         return _optional_positive_int(body, "max_tokens")
 
+    def completion_field(self, body: dict[str, Any]) -> str:
+        """The field that set the completion cap, as the client wrote it."""
+        return "max_tokens"
+
     def sequences(self, body: dict[str, Any]) -> int:
         """How many completions the backend generates: n per prompt."""
         n = body.get("n") or 1
@@ -101,6 +106,7 @@ class Translator:
 
 class ChatCompletions(Translator):
     endpoint = "chat"
+    prompt_field = "messages"
     essential = Translator.essential | {"messages", "max_completion_tokens"}
     _roles = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -143,6 +149,9 @@ class ChatCompletions(Translator):
         newer = _optional_positive_int(body, "max_completion_tokens")
         return newer if newer is not None else _optional_positive_int(body, "max_tokens")
 
+    def completion_field(self, body: dict[str, Any]) -> str:
+        return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+
     def prompt_cost(self, body: dict[str, Any], counter: TokenCounter, framing: ChatFraming) -> PromptCost:
         total = framing.tokens_per_reply
         for message in body["messages"]:
@@ -170,6 +179,7 @@ class ChatCompletions(Translator):
 
 class Completions(Translator):
     endpoint = "completions"
+    prompt_field = "prompt"
     essential = Translator.essential | {"prompt"}
 
     def validate(self, body: dict[str, Any]) -> None:
@@ -188,6 +198,7 @@ class Completions(Translator):
 
 class Embeddings(Translator):
     endpoint = "embeddings"
+    prompt_field = "input"
     generates = False
     essential = frozenset({"model", "input"})
 

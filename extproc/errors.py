@@ -52,6 +52,15 @@ def model_not_found(model: str) -> GatewayError:
     )
 
 
+def model_not_allowed(model: str) -> GatewayError:
+    return GatewayError(
+        403,
+        f"Your organization does not have access to model `{model}`.",
+        param="model",
+        code="model_not_allowed",
+    )
+
+
 def body_too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"Request body exceeds the gateway's limit of {limit} bytes.", code="request_too_large")
 
