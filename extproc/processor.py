@@ -131,6 +131,26 @@ class Phase(Enum):
     DONE = "done"
 
 
+# Which phases take which message. Envoy sends request headers, the body we asked for, then the
+# response headers and (when we switched it on) the response body; trailers are skipped but tolerated.
+_ACCEPTS: dict[str, frozenset[Phase]] = {
+    "request_headers": frozenset({Phase.REQUEST_HEADERS}),
+    "request_body": frozenset({Phase.REQUEST_BODY}),
+    "request_trailers": frozenset({Phase.REQUEST_BODY, Phase.UPSTREAM}),
+    "response_headers": frozenset({Phase.UPSTREAM}),
+    "response_body": frozenset({Phase.RESPONSE_BODY}),
+    "response_trailers": frozenset({Phase.RESPONSE_BODY, Phase.DONE}),
+}
+_CONTINUE_BY_KIND: dict[str, bytes] = {
+    "request_headers": _CONTINUE_REQUEST_HEADERS,
+    "request_body": _CONTINUE_REQUEST_BODY,
+    "request_trailers": _CONTINUE_REQUEST_TRAILERS,
+    "response_headers": _CONTINUE_RESPONSE_HEADERS,
+    "response_body": _CONTINUE_RESPONSE_BODY,
+    "response_trailers": _CONTINUE_RESPONSE_TRAILERS,
+}
+
+
 class RequestStream:
     """Per-request state: what has been seen, what was decided, what the response showed."""
 
@@ -147,6 +167,8 @@ class RequestStream:
 
     async def handle(self, request: pb.ProcessingRequest) -> Wire:
         kind = request.WhichOneof("request")
+        if self.phase not in _ACCEPTS.get(kind or "", ()):
+            return self._out_of_phase(kind or "")
         if kind == "request_headers":
             return self._on_request_headers(request.request_headers)
         if kind == "request_body":
@@ -177,8 +199,7 @@ class RequestStream:
         return wire.reply("request_headers", mutation, clear_route_cache=True) + _PASSTHROUGH_OVERRIDE
 
     async def _on_request_body(self, message: pb.HttpBody) -> Wire:
-        if self.need is None:  # body without headers we asked for: nothing to decide
-            return _CONTINUE_REQUEST_BODY
+        assert self.need is not None  # the phase says the headers asked for this body
         endpoint = self.need.translator.endpoint
         admission: Admission | None = None
         body = message.body  # each read of a protobuf bytes field is a fresh copy
@@ -217,8 +238,7 @@ class RequestStream:
         return _admitted_reply(admission)
 
     def _on_response_headers(self, message: pb.HttpHeaders) -> Wire:
-        if self.admission is None:
-            return _CONTINUE_RESPONSE_HEADERS
+        assert self.admission is not None  # the phase is UPSTREAM only once admitted
         status, content_type = _status_and_content_type(message)
         self.watcher = ResponseWatcher(self.admission)
         mode = self.watcher.on_headers(status, content_type)
@@ -230,8 +250,7 @@ class RequestStream:
         return wire.reply("response_headers", mutation, mode_override=b"" if done else _MODE_OVERRIDES[mode])
 
     def _on_response_body(self, message: pb.HttpBody) -> Wire:
-        if self.watcher is None:
-            return _CONTINUE_RESPONSE_BODY
+        assert self.watcher is not None  # set with the response headers that chose a body mode
         replacement = self.watcher.on_body(message.body, message.end_of_stream)
         if message.end_of_stream:
             self.phase = Phase.DONE
@@ -239,6 +258,21 @@ class RequestStream:
             return _CONTINUE_RESPONSE_BODY
         mutation = pb.BodyMutation(body=replacement) if replacement else pb.BodyMutation(clear_body=True)
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
+
+    def _out_of_phase(self, kind: str) -> Wire:
+        """A message this phase cannot take: never let a request we have not decided go upstream."""
+        log.warning("ext_proc message %s arrived in phase %s", kind or "(empty)", self.phase.value)
+        if kind in ("request_headers", "request_body") and self.admission is None:
+            self.phase = Phase.DONE
+            error = GatewayError(
+                500,
+                "The gateway received the request out of order and refused it.",
+                type="server_error",
+                code="internal_error",
+            )
+            return immediate(Reply.from_error(error))
+        # The request is already decided (or its response has begun): the response goes on unchanged.
+        return _CONTINUE_BY_KIND.get(kind, _CONTINUE_RESPONSE_TRAILERS)
 
     def failed(self, request: pb.ProcessingRequest) -> Wire:
         """Our own bug must not become a hung or reset stream: answer what the phase allows."""
@@ -249,11 +283,7 @@ class RequestStream:
                 500, "The gateway failed to process the request.", type="server_error", code="internal_error"
             )
             return immediate(Reply.from_error(error))
-        return {
-            "response_headers": _CONTINUE_RESPONSE_HEADERS,
-            "response_body": _CONTINUE_RESPONSE_BODY,
-            "request_trailers": _CONTINUE_REQUEST_TRAILERS,
-        }.get(kind or "", _CONTINUE_RESPONSE_TRAILERS)
+        return _CONTINUE_BY_KIND.get(kind or "", _CONTINUE_RESPONSE_TRAILERS)
 
     def final_usage(self) -> tuple[int, int]:
         """What the request really cost; an estimate from what was seen when usage never came."""
