@@ -7,6 +7,11 @@ tokens always gets the same N short words, so tests can control stream length
 through `max_tokens`.
 
 Run standalone with `python -m extproc.fake_vllm --port 8001 --name a`.
+
+`PUT /fake/state` changes what the fake reports and how it fails at runtime (queue
+and KV-cache figures on `/metrics`, error statuses, delays, connection resets), so
+load balancing and fault handling can be tested without a real overloaded engine;
+`GET /fake/state` shows the current knobs. See `_KNOBS`.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import hashlib
 import logging
 import math
 import signal
+import socket
 import struct
 import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -60,6 +67,13 @@ _JSON = "application/json"
 _SSE = "text/event-stream; charset=utf-8"
 _PROM = "text/plain; version=0.0.4; charset=utf-8"
 _DONE = b"data: [DONE]\n\n"
+# The control plane's own paths: never recorded in the debug history, so setting a
+# knob does not show up as traffic the gateway forwarded.
+_CONTROL_PREFIX = "/fake/"
+# How the fake's requests finish, as vLLM's `finished_reason` label spells them: it
+# never sees a stop token, so generation always runs to the token limit ("length"),
+# while pooling (embedding) requests finish as "stop" in vLLM.
+_FINISH_REASONS = ("stop", "length")
 
 
 class _ApiError(Exception):
@@ -85,14 +99,28 @@ def _bad_request(message: str) -> _ApiError:
     return _ApiError(400, message, "BadRequestError")
 
 
+def _injected_error(status: int) -> _ApiError:
+    # vLLM names error types after the failure ("NotFoundError", "InternalServerError"),
+    # so derive a name in that style from the status phrase.
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Bad Request" if status < 500 else "Internal Server Error"
+    err_type = "".join(ch for ch in phrase.title() if ch.isalnum())
+    if not err_type.endswith("Error"):
+        err_type += "Error"
+    return _ApiError(status, f"Injected failure: status {status} was set through /fake/state.", err_type)
+
+
 class _ModelStats:
-    __slots__ = ("generation_tokens", "prompt_tokens", "running", "success")
+    __slots__ = ("finished", "generation_tokens", "prompt_tokens", "running")
 
     def __init__(self) -> None:
         self.running = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.success = 0
+        # Successfully finished engine requests by vLLM's `finished_reason`.
+        self.finished = dict.fromkeys(_FINISH_REASONS, 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -190,16 +218,100 @@ def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _labels(model: str, **extra: str) -> str:
+    # model_name first, as in vLLM, whose label names are declared in that order.
+    pairs = [("model_name", model), *extra.items()]
+    return ",".join(f'{k}="{_escape_label(v)}"' for k, v in pairs)
+
+
 def _metric_block(lines: list[str], name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+    """`samples` are (rendered label set, value) pairs; see `_labels`."""
     # Text format 0.0.4 (what prometheus_client emits): counters keep `_total` in HELP/TYPE.
     lines.append(f"# HELP {name} {help_text}")
     lines.append(f"# TYPE {name} {kind}")
-    for model, value in samples:
-        lines.append(f'{name}{{model_name="{_escape_label(model)}"}} {float(value)!r}')
+    for labels, value in samples:
+        lines.append(f"{name}{{{labels}}} {float(value)!r}")
+
+
+# -- runtime state (PUT/GET /fake/state) ------------------------------------------------
+
+
+def _number_in(lo: float, hi: float = math.inf) -> Callable[[object], bool]:
+    def check(value: object) -> bool:
+        # bool is an int subclass; `true` is not a count.
+        return (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and lo <= value <= hi
+        )
+
+    return check
+
+
+def _int_in(lo: int, hi: float = math.inf) -> Callable[[object], bool]:
+    def check(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+    return check
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+# Every knob, with what it accepts. None (JSON null) is always accepted and means
+# "unset": the fake then behaves as it would without the control plane.
+_KNOBS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    # /metrics overrides, so a scraper or load balancer can be shown a busy engine.
+    "num_requests_waiting": ("a number >= 0", _number_in(0)),
+    "num_requests_running": ("a number >= 0", _number_in(0)),
+    "kv_cache_usage_perc": ("a number between 0 and 1", _number_in(0, 1)),
+    # Older vLLM releases call the KV figure vllm:gpu_cache_usage_perc.
+    "legacy_kv_metric": ("a boolean", _is_bool),
+    # Faults.
+    "reset_after_chunks": ("an integer >= 0", _int_in(0)),
+    "status": ("an integer between 400 and 599", _int_in(400, 599)),
+    "delay_ms": ("a number >= 0", _number_in(0)),
+}
+
+
+def _checked_state_update(update: object) -> dict[str, Any]:
+    """Validate a whole update before any of it applies, so a bad PUT changes nothing."""
+    if not isinstance(update, dict):
+        raise _bad_request("Request body must be a JSON object.")
+    unknown = sorted(k for k in update if k not in _KNOBS)
+    if unknown:
+        raise _bad_request(f"Unknown state keys: {', '.join(unknown)}. Known keys: {', '.join(_KNOBS)}.")
+    for key, value in update.items():
+        expected, check = _KNOBS[key]
+        if value is not None and not check(value):
+            raise _bad_request(f"`{key}` must be {expected} or null, got {orjson.dumps(value).decode()}.")
+    return update
+
+
+def _reset_connection(request: web.Request) -> None:
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # A zero linger makes the close send an RST instead of a FIN, so the client
+        # sees a reset rather than an early (if unterminated) end of the body.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class _FakeVllm:
-    def __init__(self, name: str, models: dict[str, int] | None, token_delay_s: float, default_max_tokens: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        models: dict[str, int] | None,
+        token_delay_s: float,
+        default_max_tokens: int,
+        state: dict[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self.models: dict[str, int] = dict(models) if models else {}
         self.token_delay_s = token_delay_s
@@ -210,6 +322,9 @@ class _FakeVllm:
         }
         self.history: deque[dict[str, Any]] = deque(maxlen=DEBUG_HISTORY)
         self.default_model = next(iter(self.models), ANY_MODEL_NAME)
+        self.state: dict[str, Any] = dict.fromkeys(_KNOBS)
+        if state:
+            self.state.update(_checked_state_update(state))
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -245,6 +360,29 @@ class _FakeVllm:
         body = await self._read(request)
         if not isinstance(body, dict):
             raise _bad_request("Request body must be a JSON object.")
+        return body
+
+    async def _admit(self, request: web.Request) -> dict[str, Any]:
+        """Read an inference request's body, then apply the injected delay and status.
+
+        The body is read (and recorded) first so the history shows what arrived even
+        when the answer is an injected failure, and the injected status wins over
+        the request's own validation errors, as a failing engine would.
+        """
+        error: _ApiError | None = None
+        body: dict[str, Any] = {}
+        try:
+            body = await self._read_object(request)
+        except _ApiError as exc:
+            error = exc
+        delay_ms = self.state["delay_ms"]
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000.0)
+        status = self.state["status"]
+        if status is not None:
+            raise _injected_error(status)
+        if error is not None:
+            raise error
         return body
 
     def _resolve_model(self, body: dict[str, Any]) -> tuple[str, int, _ModelStats]:
@@ -286,13 +424,26 @@ class _FakeVllm:
 
     async def metrics(self, request: web.Request) -> web.Response:
         stats = self.stats.items()
+        state = self.state
+        first = self.default_model
+
+        def pod_wide(knob: str, model: str, live: float) -> float:
+            # A knob set through /fake/state is the whole pod's figure, as a real vLLM
+            # pod (one series, labelled with its first served model name) reports it.
+            # It goes on the first model's series and the others read 0, so a scraper
+            # that sums or takes the max over series sees exactly the knob.
+            value = state[knob]
+            if value is None:
+                return live
+            return float(value) if model == first else 0.0
+
         lines: list[str] = []
         _metric_block(
             lines,
             "vllm:num_requests_running",
             "gauge",
             "Number of requests in model execution batches.",
-            ((m, s.running) for m, s in stats),
+            ((_labels(m), pod_wide("num_requests_running", m, s.running)) for m, s in stats),
         )
         _metric_block(
             lines,
@@ -300,35 +451,40 @@ class _FakeVllm:
             "gauge",
             "Number of requests waiting to be processed.",
             # The fake never queues: every request is "scheduled" immediately.
-            ((m, 0) for m, _ in stats),
+            ((_labels(m), pod_wide("num_requests_waiting", m, 0)) for m in self.stats),
         )
+        if state["legacy_kv_metric"]:
+            kv_name, kv_help = "vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage."
+        else:
+            kv_name, kv_help = "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
         _metric_block(
             lines,
-            "vllm:kv_cache_usage_perc",
+            kv_name,
             "gauge",
-            "KV-cache usage. 1 means 100 percent usage.",
-            ((m, min(1.0, s.running / KV_CACHE_SLOTS)) for m, s in stats),
+            kv_help,
+            ((_labels(m), pod_wide("kv_cache_usage_perc", m, min(1.0, s.running / KV_CACHE_SLOTS))) for m, s in stats),
         )
         _metric_block(
             lines,
             "vllm:prompt_tokens_total",
             "counter",
             "Number of prefill tokens processed.",
-            ((m, s.prompt_tokens) for m, s in stats),
+            ((_labels(m), s.prompt_tokens) for m, s in stats),
         )
         _metric_block(
             lines,
             "vllm:generation_tokens_total",
             "counter",
             "Number of generation tokens processed.",
-            ((m, s.generation_tokens) for m, s in stats),
+            ((_labels(m), s.generation_tokens) for m, s in stats),
         )
         _metric_block(
             lines,
             "vllm:request_success_total",
             "counter",
             "Count of successfully processed requests.",
-            ((m, s.success) for m, s in stats),
+            # Every reason's series exists from the start, as vLLM creates them up front.
+            ((_labels(m, finished_reason=reason), count) for m, s in stats for reason, count in s.finished.items()),
         )
         lines.append("")
         return web.Response(body="\n".join(lines).encode(), headers={"Content-Type": _PROM})
@@ -340,15 +496,34 @@ class _FakeVllm:
         self.history.clear()
         return web.Response(status=204)
 
+    async def get_state(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.state), content_type=_JSON)
+
+    async def put_state(self, request: web.Request) -> web.Response:
+        # Read directly rather than through _read: control traffic is not recorded.
+        raw = await request.read()
+        try:
+            update = _checked_state_update(orjson.loads(raw))
+        except orjson.JSONDecodeError as exc:
+            return _bad_request(f"Invalid JSON body: {exc}").response()
+        except _ApiError as exc:
+            return exc.response()
+        self.state.update(update)
+        return await self.get_state(request)
+
+    async def _record_stray(self, request: web.Request) -> None:
+        # Recorded so tests can see a gateway forwarding somewhere it should not;
+        # mistakes against the control plane are not forwarded traffic.
+        if not request.path.startswith(_CONTROL_PREFIX):
+            with contextlib.suppress(_ApiError):
+                await self._read(request)
+
     async def not_found(self, request: web.Request) -> web.Response:
-        # Recorded so tests can see a gateway forwarding somewhere it should not.
-        with contextlib.suppress(_ApiError):
-            await self._read(request)
+        await self._record_stray(request)
         return _error_response(404, f"Not Found: {request.path}", "NotFoundError")
 
     async def method_not_allowed(self, request: web.Request) -> web.Response:
-        with contextlib.suppress(_ApiError):
-            await self._read(request)
+        await self._record_stray(request)
         return _error_response(405, f"Method {request.method} not allowed", "MethodNotAllowedError")
 
     # -- inference endpoints ----------------------------------------------------------
@@ -361,7 +536,7 @@ class _FakeVllm:
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
-            body = await self._read_object(request)
+            body = await self._admit(request)
             model, max_len, stats = self._resolve_model(body)
             if chat:
                 prompts = [_chat_prompt_tokens(body.get("messages"))]
@@ -403,7 +578,7 @@ class _FakeVllm:
                 # Keep non-streamed latency consistent with streamed latency.
                 await asyncio.sleep(self.token_delay_s * n_out)
             stats.generation_tokens += n_out * n_choices
-            stats.success += len(prompts)
+            stats.finished["length"] += len(prompts)
             return web.Response(
                 body=orjson.dumps(_full_response(chat, model, n_choices, n_out, prompt_tokens)),
                 content_type=_JSON,
@@ -432,6 +607,19 @@ class _FakeVllm:
         created = int(time.time())
         delay = self.token_delay_s
         generated = 0
+        reset_after = self.state["reset_after_chunks"]
+        sent = 0
+
+        async def send(data: bytes) -> None:
+            nonlocal sent
+            if reset_after is not None and sent >= reset_after:
+                # Before the event that would exceed the limit, so the client gets
+                # exactly `reset_after` events; a stream with no more events than
+                # that ends normally.
+                _reset_connection(request)
+                raise ConnectionResetError("reset injected through /fake/state")
+            await response.write(data)
+            sent += 1
 
         def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
             chunk: dict[str, Any] = {
@@ -449,7 +637,7 @@ class _FakeVllm:
             if chat:
                 # vLLM opens every chat choice with a role-only delta before any text.
                 for i in range(n_choices):
-                    await response.write(
+                    await send(
                         event(
                             [
                                 {
@@ -479,16 +667,16 @@ class _FakeVllm:
                     else:
                         choice = {"index": i, "text": token, "logprobs": None, "finish_reason": finish}
                     # One write per event so each goes out as its own HTTP chunk, as in vLLM.
-                    await response.write(event([choice]))
+                    await send(event([choice]))
                 generated += n_choices
             if include_usage:
-                await response.write(event([], _usage(prompt_tokens, n_out * n_choices)))
-            await response.write(_DONE)
-            stats.success += n_prompts
+                await send(event([], _usage(prompt_tokens, n_out * n_choices)))
+            await send(_DONE)
+            stats.finished["length"] += n_prompts
         except ConnectionError:
-            # Client went away mid-stream (ConnectionResetError / BrokenPipeError):
-            # normal for streaming, nothing to report. aiohttp tolerates the
-            # already-broken response being returned.
+            # Client went away mid-stream (ConnectionResetError / BrokenPipeError), or
+            # an injected reset: normal for streaming, nothing to report. aiohttp
+            # tolerates the already-broken response being returned.
             pass
         finally:
             stats.generation_tokens += generated
@@ -498,7 +686,7 @@ class _FakeVllm:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         try:
-            body = await self._read_object(request)
+            body = await self._admit(request)
             model, max_len, stats = self._resolve_model(body)
             if "input" not in body:
                 raise _bad_request("`input` is required.")
@@ -526,7 +714,7 @@ class _FakeVllm:
             data.append({"object": "embedding", "index": i, "embedding": emb})
         prompt_tokens = sum(p for _, p in inputs)
         stats.prompt_tokens += prompt_tokens
-        stats.success += len(inputs)
+        stats.finished["stop"] += len(inputs)
         payload = {
             "id": f"embd-{uuid.uuid4().hex}",
             "object": "list",
@@ -578,14 +766,20 @@ def build_app(
     models: dict[str, int] | None = None,
     token_delay_s: float = 0.0,
     default_max_tokens: int = 16,
+    state: dict[str, Any] | None = None,
 ) -> web.Application:
     """Build the fake server.
 
     `models` maps served model name -> max_model_len. When it is None or empty any
     model name is accepted (with max_model_len 8192), because the gateway rewrites
     model names and tests should not have to mirror its routing table.
+
+    `state` sets initial /fake/state knobs; invalid knobs raise ValueError.
     """
-    fake = _FakeVllm(name, models, token_delay_s, default_max_tokens)
+    try:
+        fake = _FakeVllm(name, models, token_delay_s, default_max_tokens, state)
+    except _ApiError as exc:
+        raise ValueError(exc.message) from None
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app.on_response_prepare.append(fake.on_prepare)
     routes: Sequence[tuple[str, str, Any]] = (
@@ -597,6 +791,8 @@ def build_app(
         ("POST", "/v1/embeddings", fake.embeddings),
         ("GET", "/debug/requests", fake.debug_requests),
         ("DELETE", "/debug/requests", fake.debug_clear),
+        ("GET", "/fake/state", fake.get_state),
+        ("PUT", "/fake/state", fake.put_state),
     )
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
@@ -615,9 +811,10 @@ async def serve(
     name: str,
     models: dict[str, int] | None = None,
     token_delay_s: float = 0.0,
+    state: dict[str, Any] | None = None,
 ) -> None:
     """Serve until cancelled."""
-    app = build_app(name, models, token_delay_s)
+    app = build_app(name, models, token_delay_s, state=state)
     # A short shutdown timeout: a stopping fake should not hold tests hostage to
     # in-flight streams.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
@@ -647,6 +844,15 @@ def _model_arg(value: str) -> tuple[str, int]:
     return model, n
 
 
+def _state_arg(value: str) -> dict[str, Any]:
+    try:
+        return _checked_state_update(orjson.loads(value))
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    except _ApiError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fake-vllm", description="Fake vLLM OpenAI-compatible server.")
     p.add_argument("--host", default="127.0.0.1")
@@ -661,6 +867,13 @@ def _parser() -> argparse.ArgumentParser:
         help="served model and its max_model_len (repeatable); omit to accept any model",
     )
     p.add_argument("--token-delay-ms", type=float, default=0.0, help="delay per generated token")
+    p.add_argument(
+        "--state",
+        type=_state_arg,
+        default=None,
+        metavar="JSON",
+        help="initial /fake/state knobs, e.g. '{\"num_requests_waiting\": 5}'",
+    )
     return p
 
 
@@ -673,7 +886,7 @@ async def _run_until_signal(args: argparse.Namespace) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     server = asyncio.create_task(
-        serve(args.host, args.port, args.name, dict(args.model) or None, args.token_delay_ms / 1000.0)
+        serve(args.host, args.port, args.name, dict(args.model) or None, args.token_delay_ms / 1000.0, args.state)
     )
     stopper = asyncio.create_task(stop.wait())
     try:

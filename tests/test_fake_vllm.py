@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import ClientResponse
@@ -41,9 +42,10 @@ def run_with_client(
     name: str = "up-a",
     models: dict[str, int] | None = None,
     token_delay_s: float = 0.0,
+    state: dict[str, Any] | None = None,
 ) -> None:
     async def runner() -> None:
-        app = build_app(name, models=models, token_delay_s=token_delay_s)
+        app = build_app(name, models=models, token_delay_s=token_delay_s, state=state)
         async with TestClient(TestServer(app)) as client:
             await test(client)
 
@@ -66,12 +68,15 @@ async def read_sse(resp: ClientResponse) -> list[Any]:
     return events
 
 
-def parse_metrics(text: str) -> dict[tuple[str, str], float]:
-    out: dict[tuple[str, str], float] = {}
+def parse_metrics(text: str) -> dict[tuple[str, ...], float]:
+    """Samples keyed by (name, model_name, any further label values in order)."""
+    out: dict[tuple[str, ...], float] = {}
     for line in text.splitlines():
-        m = re.fullmatch(r'(\S+)\{model_name="([^"]*)"\} (\S+)', line)
+        m = re.fullmatch(r"(\S+)\{(.*)\} (\S+)", line)
         if m:
-            out[(m.group(1), m.group(2))] = float(m.group(3))
+            labels = re.findall(r'(\w+)="([^"]*)"', m.group(2))
+            assert labels[0][0] == "model_name", line
+            out[(m.group(1), *(v for _, v in labels))] = float(m.group(3))
     return out
 
 
@@ -393,8 +398,17 @@ def test_metrics_text() -> None:
         assert values[("vllm:num_requests_running", "a")] == 0
         assert values[("vllm:prompt_tokens_total", "a")] == 7 + 2
         assert values[("vllm:generation_tokens_total", "a")] == 3 + 2
-        assert values[("vllm:request_success_total", "a")] == 2
+        assert values[("vllm:request_success_total", "a", "length")] == 2
+        assert values[("vllm:request_success_total", "a", "stop")] == 0
         assert values[("vllm:prompt_tokens_total", "b")] == 0
+        assert values[("vllm:request_success_total", "b", "length")] == 0
+        assert 'vllm:request_success_total{model_name="a",finished_reason="length"} 2.0' in text
+
+        # Pooling requests finish as "stop" in vLLM.
+        await post_json(c, "/v1/embeddings", {"model": "a", "input": ["x", "y"]})
+        values = parse_metrics(await (await c.get("/metrics")).text())
+        assert values[("vllm:request_success_total", "a", "stop")] == 2
+        assert values[("vllm:request_success_total", "a", "length")] == 2
 
     run_with_client(t, models={"a": 1000, "b": 1000})
 
@@ -417,7 +431,7 @@ def test_running_gauge_tracks_streams_and_survives_disconnect(caplog: pytest.Log
             await asyncio.sleep(0.02)
         values = parse_metrics(await (await c.get("/metrics")).text())
         # An aborted stream is not a success, but the tokens it produced were generated.
-        assert values[("vllm:request_success_total", "fake-model")] == 0
+        assert values[("vllm:request_success_total", "fake-model", "length")] == 0
         assert 0 < values[("vllm:generation_tokens_total", "fake-model")] < 1000
 
     run_with_client(t, token_delay_s=0.01)
@@ -477,6 +491,275 @@ def test_debug_history_is_bounded() -> None:
     run_with_client(t)
 
 
+# -- runtime state: PUT/GET /fake/state ------------------------------------------------
+
+DEFAULT_STATE = {
+    "num_requests_waiting": None,
+    "num_requests_running": None,
+    "kv_cache_usage_perc": None,
+    "legacy_kv_metric": None,
+    "reset_after_chunks": None,
+    "status": None,
+    "delay_ms": None,
+}
+
+
+async def get_state(client: Client) -> Any:
+    resp = await client.get("/fake/state")
+    assert resp.status == 200
+    assert resp.content_type == "application/json"
+    return await resp.json()
+
+
+async def put_state(client: Client, update: Any) -> ClientResponse:
+    return await client.put("/fake/state", data=orjson.dumps(update), headers={"content-type": "application/json"})
+
+
+async def history(client: Client) -> list[Any]:
+    return list((await (await client.get("/debug/requests")).json())["requests"])
+
+
+def test_state_defaults_merge_and_clear() -> None:
+    async def t(c: Client) -> None:
+        assert await get_state(c) == DEFAULT_STATE
+
+        r = await put_state(c, {"num_requests_waiting": 3, "delay_ms": 0})
+        assert r.status == 200
+        assert r.headers["x-served-by"] == "up-a"
+        # The answer is the whole state after the merge.
+        assert await r.json() == {**DEFAULT_STATE, "num_requests_waiting": 3, "delay_ms": 0}
+
+        r = await put_state(c, {"kv_cache_usage_perc": 0.5, "legacy_kv_metric": True})
+        assert r.status == 200
+        merged = {**DEFAULT_STATE, "num_requests_waiting": 3, "delay_ms": 0, "kv_cache_usage_perc": 0.5}
+        assert await get_state(c) == {**merged, "legacy_kv_metric": True}
+
+        # null clears one knob and leaves the others alone; {} changes nothing.
+        assert (await put_state(c, {"num_requests_waiting": None, "legacy_kv_metric": None})).status == 200
+        assert (await put_state(c, {})).status == 200
+        assert await get_state(c) == {**merged, "num_requests_waiting": None}
+
+        # Control traffic is not what the gateway forwarded, so it is not recorded.
+        await c.post("/fake/state", data=b"{}")  # wrong method
+        await c.get("/fake/nothing")
+        assert await history(c) == []
+
+    run_with_client(t)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        orjson.dumps({"bogus": 1}),
+        orjson.dumps({"num_requests_waiting": 1, "bogus": 2}),  # valid part is not applied either
+        orjson.dumps({"num_requests_waiting": -1}),
+        orjson.dumps({"num_requests_running": "2"}),
+        orjson.dumps({"kv_cache_usage_perc": 1.5}),
+        orjson.dumps({"legacy_kv_metric": 1}),
+        orjson.dumps({"reset_after_chunks": True}),
+        orjson.dumps({"reset_after_chunks": 2.5}),
+        orjson.dumps({"status": 200}),
+        orjson.dumps({"status": 600}),
+        orjson.dumps({"status": 503.0}),
+        orjson.dumps({"delay_ms": -5}),
+        orjson.dumps({"num_requests_waiting": 0, "status": 700}),
+        b"[1, 2]",
+        b"null",
+        b'"status"',
+        b"{broken",
+        b"",
+    ],
+)
+def test_state_rejects_bad_updates_and_changes_nothing(raw: bytes) -> None:
+    async def t(c: Client) -> None:
+        baseline = {**DEFAULT_STATE, "num_requests_waiting": 2, "status": 503}
+        assert (await put_state(c, {"num_requests_waiting": 2, "status": 503})).status == 200
+        r = await c.put("/fake/state", data=raw, headers={"content-type": "application/json"})
+        assert r.status == 400
+        assert r.headers["x-served-by"] == "up-a"
+        assert_vllm_error(await r.json(), 400, "BadRequestError")
+        assert await get_state(c) == baseline
+
+    run_with_client(t)
+
+
+def test_state_overrides_metrics() -> None:
+    async def t(c: Client) -> None:
+        assert (
+            await put_state(c, {"num_requests_waiting": 7, "num_requests_running": 3, "kv_cache_usage_perc": 0.25})
+        ).status == 200
+        text = await (await c.get("/metrics")).text()
+        values = parse_metrics(text)
+        # Pod-wide figures: on the first model's series, so sums and maxes over series match.
+        assert values[("vllm:num_requests_waiting", "a")] == 7
+        assert values[("vllm:num_requests_running", "a")] == 3
+        assert values[("vllm:kv_cache_usage_perc", "a")] == 0.25
+        assert values[("vllm:num_requests_waiting", "b")] == 0
+        assert values[("vllm:num_requests_running", "b")] == 0
+        assert values[("vllm:kv_cache_usage_perc", "b")] == 0
+        assert 'vllm:num_requests_waiting{model_name="a"} 7.0' in text
+
+        # One knob at a time: the others keep the live figures.
+        await put_state(c, {"num_requests_running": None, "kv_cache_usage_perc": None})
+        values = parse_metrics(await (await c.get("/metrics")).text())
+        assert values[("vllm:num_requests_waiting", "a")] == 7
+        assert values[("vllm:num_requests_running", "a")] == 0
+        assert values[("vllm:kv_cache_usage_perc", "a")] == 0
+
+        # Older vLLM releases name the KV figure differently; the value follows the name.
+        await put_state(c, {"legacy_kv_metric": True, "kv_cache_usage_perc": 0.5})
+        text = await (await c.get("/metrics")).text()
+        assert "vllm:kv_cache_usage_perc" not in text
+        assert "# TYPE vllm:gpu_cache_usage_perc gauge" in text
+        assert "# HELP vllm:gpu_cache_usage_perc " in text
+        assert parse_metrics(text)[("vllm:gpu_cache_usage_perc", "a")] == 0.5
+
+        await put_state(c, dict(DEFAULT_STATE))
+        text = await (await c.get("/metrics")).text()
+        assert "vllm:gpu_cache_usage_perc" not in text
+        values = parse_metrics(text)
+        assert values[("vllm:num_requests_waiting", "a")] == 0
+        assert values[("vllm:kv_cache_usage_perc", "a")] == 0
+
+    run_with_client(t, models={"a": 1000, "b": 1000})
+
+
+INFERENCE = [
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 2}),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 2, "stream": True}),
+    ("/v1/completions", {"model": "m", "prompt": "a b", "max_tokens": 2}),
+    ("/v1/completions", {"model": "m", "prompt": "a b", "max_tokens": 2, "stream": True}),
+    ("/v1/embeddings", {"model": "m", "input": "a b"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "err_type"),
+    [
+        (503, "ServiceUnavailableError"),
+        (429, "TooManyRequestsError"),
+        (500, "InternalServerError"),
+        (400, "BadRequestError"),
+        (599, "InternalServerError"),  # no standard phrase
+    ],
+)
+def test_state_status_fails_every_inference_request(status: int, err_type: str) -> None:
+    async def t(c: Client) -> None:
+        assert (await put_state(c, {"status": status})).status == 200
+        # A request the fake would refuse anyway gets the injected status too.
+        for path, body in [*INFERENCE, ("/v1/chat/completions", {"model": "m"})]:
+            r = await post_json(c, path, body)
+            assert r.status == status, path
+            assert r.content_type == "application/json"
+            assert r.headers["x-served-by"] == "up-a"
+            msg = assert_vllm_error(await r.json(), status, err_type)
+            assert str(status) in msg
+        # Probes and metrics keep working, and the failed requests are still recorded.
+        assert (await c.get("/health")).status == 200
+        assert (await c.get("/v1/models")).status == 200
+        assert len(await history(c)) == len(INFERENCE) + 2  # + /v1/models
+        values = parse_metrics(await (await c.get("/metrics")).text())
+        assert values[("vllm:request_success_total", "fake-model", "length")] == 0
+        assert values[("vllm:request_success_total", "fake-model", "stop")] == 0
+        assert values[("vllm:prompt_tokens_total", "fake-model")] == 0
+
+        await put_state(c, {"status": None})
+        for path, body in INFERENCE:
+            r = await post_json(c, path, body)
+            assert r.status == 200, path
+            await r.read()
+
+    run_with_client(t)
+
+
+def test_state_delay_ms_delays_first_byte() -> None:
+    delay = 0.3
+
+    async def t(c: Client) -> None:
+        await put_state(c, {"delay_ms": delay * 1000})
+        for path, body in INFERENCE:
+            start = time.monotonic()
+            r = await post_json(c, path, body)  # returns once the status line is in
+            assert time.monotonic() - start >= delay * 0.9, path
+            assert r.status == 200
+            await r.read()
+        # Only inference is delayed, so a scraper does not time out on a "slow" fake.
+        start = time.monotonic()
+        assert (await c.get("/metrics")).status == 200
+        assert (await c.get("/fake/state")).status == 200
+        assert time.monotonic() - start < delay
+
+        # Combined with a status: the error arrives late, as from a struggling engine.
+        await put_state(c, {"status": 503})
+        start = time.monotonic()
+        r = await post_json(c, *INFERENCE[0])
+        assert r.status == 503
+        assert time.monotonic() - start >= delay * 0.9
+
+    run_with_client(t)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4])
+def test_state_reset_after_chunks_cuts_the_stream(n: int, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    body = {**CHAT, "max_tokens": 10, "stream": True}
+
+    async def t(c: Client) -> None:
+        await put_state(c, {"reset_after_chunks": n})
+
+        # An HTTP client sees an error, never a clean end, after exactly n events.
+        events: list[bytes] = []
+        with pytest.raises(aiohttp.ClientError):
+            r = await post_json(c, "/v1/chat/completions", body)
+            assert r.status == 200
+            async for line in r.content:
+                if line.startswith(b"data: "):
+                    events.append(line)
+        assert len(events) == n
+        assert b"data: [DONE]\n" not in events
+
+        # On the wire it is a TCP reset, not a FIN.
+        raw = orjson.dumps(body)
+        reader, writer = await asyncio.open_connection(c.server.host, c.server.port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: fake\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(raw) + raw
+        )
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            while chunk := await reader.read(65536):
+                received += chunk
+        writer.close()
+        assert received.count(b"data: ") == n
+
+        # An aborted stream is not a success and leaves nothing running.
+        values = parse_metrics(await (await c.get("/metrics")).text())
+        assert values[("vllm:num_requests_running", "fake-model")] == 0
+        assert values[("vllm:request_success_total", "fake-model", "length")] == 0
+
+        # Non-streamed responses are not affected, and a stream that fits ends normally.
+        r = await post_json(c, "/v1/chat/completions", {**CHAT, "max_tokens": 10})
+        assert r.status == 200
+        await put_state(c, {"reset_after_chunks": 100})
+        assert (await read_sse(await post_json(c, "/v1/chat/completions", body)))[-1] == "[DONE]"
+        await put_state(c, {"reset_after_chunks": None})
+        assert (await read_sse(await post_json(c, "/v1/chat/completions", body)))[-1] == "[DONE]"
+
+    run_with_client(t)
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert problems == [], [r.getMessage() for r in problems]
+
+
+def test_initial_state_from_build_app() -> None:
+    async def t(c: Client) -> None:
+        assert await get_state(c) == {**DEFAULT_STATE, "num_requests_waiting": 2}
+        assert parse_metrics(await (await c.get("/metrics")).text())[("vllm:num_requests_waiting", "fake-model")] == 2
+
+    run_with_client(t, state={"num_requests_waiting": 2})
+    with pytest.raises(ValueError, match="bogus"):
+        build_app("x", state={"bogus": 1})
+
+
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -504,6 +787,8 @@ def test_subprocess_serves_and_exits_cleanly_on_sigterm() -> None:
             "m=128",
             "--token-delay-ms",
             "1",
+            "--state",
+            '{"num_requests_waiting": 4}',
         ],
         cwd=ROOT,
         env=env,
@@ -528,6 +813,8 @@ def test_subprocess_serves_and_exits_cleanly_on_sigterm() -> None:
         assert [(m["id"], m["max_model_len"]) for m in orjson.loads(body)["data"]] == [("m", 128)]
         status, headers, _ = _get(base + "/nope")
         assert status == 404 and headers["x-served-by"] == "x"
+        status, _, body = _get(base + "/fake/state")
+        assert status == 200 and orjson.loads(body)["num_requests_waiting"] == 4
 
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=15)
@@ -546,3 +833,13 @@ def test_main_rejects_bad_model_spec(capsys: pytest.CaptureFixture[str]) -> None
         main(["--port", "1", "--name", "x", "--model", "nomaxlen"])
     assert exc.value.code == 2
     assert "NAME=MAXLEN" in capsys.readouterr().err
+
+
+def test_main_rejects_bad_state(capsys: pytest.CaptureFixture[str]) -> None:
+    from extproc.fake_vllm import main
+
+    for state in ('{"bogus": 1}', '{"status": 200}', "{not json", "[]"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--port", "1", "--name", "x", "--state", state])
+        assert exc.value.code == 2
+        assert "--state" in capsys.readouterr().err
