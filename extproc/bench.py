@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from extproc.core import Gateway
 
 CHAT_PATH = "/v1/chat/completions"
-BENCH_MODEL = "llama-3.1-8b"  # routed to backend `small` by the example policy
+BENCH_MODEL = "llama-3.1-8b"  # routed to backend `default-8b` by the example policy
 PROMPT = "Say hello to the benchmark in one short sentence."
 API_KEY = "sk-bench"  # added to one tenant of the bench policy; direct and null ignore it
 HEADERS = {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}
@@ -949,6 +949,17 @@ def bench_policy(work_dir: Path, base: Path | None = None) -> Path:
     for model in raw["models"]:
         if model["name"] == BENCH_MODEL:
             model.update(max_model_len=200_000, max_prompt_tokens=200_000, max_completion_tokens=20_000)
+    # Routing rules stay (evaluating them is part of the cost measured), except a refusal of long
+    # prompts, which would refuse the tokenization rows; in-flight caps stay, out of reach.
+    routing = raw.get("routing") or {}
+    routing["rules"] = [
+        rule
+        for rule in routing.get("rules", [])
+        if not ("reject" in rule and "prompt_tokens" in (rule.get("match") or {}))
+    ]
+    for backend in (raw.get("backends") or {}).values():
+        if backend and backend.get("max_in_flight"):
+            backend["max_in_flight"] = 1_000_000
     tenants = raw.get("tenants") or {}
     allowed = [t for t in tenants.values() if {"*", BENCH_MODEL} & set(t.get("allowed_models", ["*"]))]
     if tenants and not allowed:
@@ -979,7 +990,7 @@ def without_tenants(policy: Path) -> Path:
 
 
 def measure_tokenization(settings: Settings, policy_path: Path) -> list[TokenRow]:
-    from extproc.core import Gateway
+    from extproc.core import Gateway, NeedBody
     from extproc.endpoints import TRANSLATORS
     from extproc.policy import TokenizerSpec
     from extproc.tokenizer import RememberedCounts, counter_for
@@ -987,10 +998,10 @@ def measure_tokenization(settings: Settings, policy_path: Path) -> list[TokenRow
     remembered = counter_for(TokenizerSpec())
     assert isinstance(remembered, RememberedCounts)
     tokenizer = remembered.counter  # the tokenizer itself, past the remembered counts
-    gateway = Gateway(load_policy(policy_path))
+    gateway = Gateway.from_policy(load_policy(policy_path))
     translator = TRANSLATORS[CHAT_PATH]
     forget = remembered.clear  # before each timed decision: a text the gateway has not seen
-    decide = functools.partial(gateway.on_request_body, translator)
+    decide = functools.partial(gateway.on_request_body, NeedBody(translator, None, "interactive", None))
     rows = []
     for target in settings.token_sizes:
         text, tokens = text_of_tokens(target, tokenizer.count)
@@ -1096,7 +1107,7 @@ def record_gateway_replies(policy_path: Path, body: bytes) -> dict[str, bytes]:
 
     async def record() -> dict[str, bytes]:
         quotas = QuotaService(policy, MemoryStore()) if policy.tenants else None
-        stream = RequestStream(Gateway(policy), quotas)
+        stream = RequestStream(Gateway.from_policy(policy), quotas)
         replies = {}
         for raw in _exchange_messages(body):
             request = pb.ProcessingRequest.FromString(raw)
@@ -1122,7 +1133,7 @@ def measure_in_process(settings: Settings, policy_path: Path, batch: int = 2000,
     messages = _exchange_messages(chat_body(settings.max_tokens))
 
     async def measure() -> list[float]:
-        gateway = Gateway(policy)
+        gateway = Gateway.from_policy(policy)
         quotas = QuotaService(policy, MemoryStore()) if policy.tenants else None
 
         async def one() -> None:

@@ -25,8 +25,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
+    load_urls: dict[str, list[str]] = {}
+    for item in args.load_url:
+        backend, sep, url = item.partition("=")
+        if not sep or not url.startswith("http://"):
+            print(f"--load-url {item!r}: expected BACKEND=http://host:port/metrics", file=sys.stderr)
+            return 2
+        load_urls.setdefault(backend, []).append(url)
     options = ServeOptions(
-        args.listen, policy, args.workers, args.grace_seconds, args.redis_url or None, args.metrics_port or None
+        args.listen,
+        policy,
+        args.workers,
+        args.grace_seconds,
+        args.redis_url or None,
+        args.metrics_port or None,
+        policy_path=args.policy,
+        load_urls={name: tuple(urls) for name, urls in load_urls.items()},
     )
     return serve(options)
 
@@ -40,7 +54,7 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
     try:
         from extproc.core import Gateway
 
-        Gateway(policy)  # loads every tokenizer the policy names
+        Gateway.from_policy(policy)  # loads every tokenizer the policy names
     except ValueError as exc:
         print(f"{args.file}: {exc}", file=sys.stderr)
         return 1
@@ -151,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(_env("EXTPROC_METRICS_PORT", "0")),
         help="Prometheus /metrics port; worker i uses port+i (0: off) ($EXTPROC_METRICS_PORT)",
+    )
+    serve.add_argument(
+        "--load-url",
+        action="append",
+        default=[],
+        metavar="BACKEND=URL",
+        help="a vLLM /metrics URL for a backend whose policy names no load source (repeatable)",
     )
     serve.set_defaults(func=_cmd_serve)
 

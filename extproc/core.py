@@ -12,7 +12,7 @@ Nothing here knows about gRPC or Envoy.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -20,32 +20,16 @@ from typing import Any
 import orjson
 
 from extproc import errors, names
+from extproc.compiled import CompiledModel, CompiledPolicy, Target, compile_policy
 from extproc.endpoints import TRANSLATORS, ChatFraming, Translator
 from extproc.errors import GatewayError
-from extproc.identity import Authenticator, Identity
-from extproc.policy import CapAction, Policy
+from extproc.identity import Identity
+from extproc.load import BackendLoad
+from extproc.policy import Policy
+from extproc.quota.plan import QuotaPlanner
+from extproc.routing import CLASS_PRIORITY, RejectWith, RequestFacts
+from extproc.saturation import Considered, choose
 from extproc.sse import SseUsageReader, Usage, usage_from_json_body
-from extproc.tokenizer import TokenCounter, counter_for
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledModel:
-    """A policy model with every default and global ceiling already applied."""
-
-    name: str
-    backend: str
-    subset: str
-    served_name: str
-    endpoints: frozenset[str]
-    max_model_len: int
-    counter: TokenCounter
-    prompt_cap: int
-    completion_cap: int
-    default_completion: int
-    cap_action: CapAction
-    allowed_params: frozenset[str] | None
-    denied_params: frozenset[str]
-
 
 # --- what the core answers --------------------------------------------------------------
 
@@ -59,8 +43,12 @@ class Passthrough:
 
 @dataclass(frozen=True, slots=True)
 class NeedBody:
+    """An inference call whose headers passed: what they said, kept for the body's decision."""
+
     translator: Translator
     identity: Identity | None  # None when the policy has no tenants
+    traffic_class: str
+    quality: str | None  # a declared x-llm-quality value, else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +71,12 @@ class Admission:
     """An accepted inference request and everything later phases need to know about it."""
 
     model: CompiledModel
+    target: Target  # where it goes: the backend, the served name, the window and caps checked
     endpoint: str
     identity: Identity | None
+    traffic_class: str
+    rule: str  # the routing rule that matched, or "default"
+    considered: tuple[Considered, ...]  # backends weighed against their load, and why
     set_headers: list[tuple[str, str]]
     remove_headers: list[str]
     body: bytes | None  # the rewritten body, None when the original goes upstream as is
@@ -94,43 +86,46 @@ class Admission:
     hide_usage_event: bool
     notes: list[str] = field(default_factory=list)  # normalizations applied, for the log
 
+    @property
+    def priority(self) -> int:
+        return CLASS_PRIORITY[self.traffic_class]
+
+
+_NO_LOAD: Mapping[str, BackendLoad] = {}
+
 
 class Gateway:
-    def __init__(self, policy: Policy, auth: Authenticator | None = None) -> None:
+    """Decisions for one compiled policy. Building it does no I/O; a reload builds a new one."""
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> Gateway:
+        """Compile (tokenizers, key files, the clock) and build: for tests and one-shot tools."""
+        return cls(compile_policy(policy))
+
+    def __init__(self, compiled: CompiledPolicy) -> None:
+        self.compiled = compiled
+        policy = compiled.policy
         self.policy = policy
-        self.auth = auth or Authenticator(policy)
+        self.auth = compiled.auth
+        self.rules = compiled.rules
         gw = policy.gateway
         self.backend_header = gw.backend_header
         self.max_body_bytes = gw.max_body_bytes
         self.max_stop_sequences = gw.max_stop_sequences
         self.framing = ChatFraming(gw.tokens_per_message, gw.tokens_per_reply, gw.tokens_per_image)
-        self.models: dict[str, CompiledModel] = {}
+        self.load_policy = policy.load
+        self.quality_header = policy.routing.quality_header
+        self.quality_values = frozenset(policy.routing.quality_values)
+        self.models: dict[str, CompiledModel] = compiled.models
+        self.quota_planner = QuotaPlanner(policy.quotas.key_prefix, policy.quotas.reservation_ttl_seconds * 1000)
         listing: list[dict[str, Any]] = []
-        created = int(time.time())
         for spec in policy.models:
-            completion_cap = min(spec.max_completion_tokens or gw.max_completion_tokens, gw.max_completion_tokens)
-            compiled = CompiledModel(
-                name=spec.name,
-                backend=spec.backend,
-                subset=policy.subset(spec.backend),
-                served_name=spec.served_name or spec.name,
-                endpoints=frozenset(spec.endpoints),
-                max_model_len=spec.max_model_len,
-                counter=counter_for(spec.tokenizer),
-                prompt_cap=min(spec.max_prompt_tokens or gw.max_prompt_tokens, gw.max_prompt_tokens),
-                completion_cap=completion_cap,
-                default_completion=min(spec.default_max_tokens or gw.default_max_tokens, completion_cap),
-                cap_action=spec.completion_cap or gw.completion_cap,
-                allowed_params=frozenset(spec.params.allow) if spec.params.allow is not None else None,
-                denied_params=frozenset(spec.params.deny),
-            )
             for public in (spec.name, *spec.aliases):
-                self.models[public] = compiled
                 listing.append(
                     {
                         "id": public,
                         "object": "model",
-                        "created": created,
+                        "created": compiled.created,
                         "owned_by": "extproc",
                         "max_model_len": spec.max_model_len,
                     }
@@ -147,15 +142,25 @@ class Gateway:
             else:
                 visible = [entry for entry in listing if self.models[entry["id"]].name in (self._allowed[name] or ())]
                 self._models_reply_for[name] = _json_reply(visible)
+        # Per tenant: the classes it may ask for with x-llm-class (its own and every lower one always).
+        self._classes_for: dict[str | None, frozenset[str]] = {None: frozenset(CLASS_PRIORITY)}
+        for name, tenant in self.auth.tenants.items():
+            own = CLASS_PRIORITY[tenant.traffic_class]
+            lower = {c for c, p in CLASS_PRIORITY.items() if p >= own}
+            self._classes_for[name] = frozenset(lower | set(tenant.spec.allowed_classes))
         # Identity headers only we may set; with no tenants they are removed, not passed on.
         self._identity_headers = (names.TENANT, names.TIER, names.TRAFFIC_CLASS)
         # Headers a client must never choose: removed from anything we let through untouched.
         self._ours = (self.backend_header, *self._identity_headers)
-        # The request headers any decision reads: the adapter need not decode the others.
-        self.request_header_names = frozenset(
-            {names.PATH, names.METHOD, names.CONTENT_TYPE, names.CONTENT_LENGTH, *self._ours}
-            | (self.auth.header_names if self.auth.enabled else frozenset())
+        # The request headers some decision reads, each declared by the part that reads it, so the
+        # adapter (which decodes only these) can never drop a header a matcher needs.
+        readers: tuple[frozenset[str], ...] = (
+            frozenset({names.PATH, names.METHOD, names.CONTENT_TYPE, names.CONTENT_LENGTH}),  # the head check
+            frozenset(self._ours),  # stripped when forged; the class header is also a request
+            self.auth.header_names if self.auth.enabled else frozenset(),
+            frozenset({self.quality_header}),
         )
+        self.request_header_names = frozenset().union(*readers)
 
     # --- request headers -----------------------------------------------------------------
 
@@ -176,7 +181,21 @@ class Gateway:
             self._check_head(headers, method, path, end_of_stream)
         except GatewayError as exc:
             return Reply.from_error(exc)
-        return NeedBody(translator, identity)
+        quality = headers.get(self.quality_header)
+        return NeedBody(
+            translator,
+            identity,
+            self._traffic_class(identity, headers.get(names.TRAFFIC_CLASS)),
+            quality if quality in self.quality_values else None,
+        )
+
+    def _traffic_class(self, identity: Identity | None, requested: str | None) -> str:
+        """The caller's class; a requested one only when the tenant may choose it (never a raise)."""
+        default = identity.tenant.traffic_class if identity is not None else "interactive"
+        if requested is None or requested == default:
+            return default
+        allowed = self._classes_for.get(identity.tenant.name if identity is not None else None, frozenset())
+        return requested if requested in allowed else default
 
     def _check_head(self, headers: dict[str, str], method: str, path: str, end_of_stream: bool) -> None:
         if method != "POST":
@@ -194,7 +213,14 @@ class Gateway:
 
     # --- request body --------------------------------------------------------------------
 
-    def on_request_body(self, translator: Translator, raw: bytes, identity: Identity | None = None) -> Admission:
+    def on_request_body(
+        self, need: NeedBody, raw: bytes, loads: Mapping[str, BackendLoad] = _NO_LOAD
+    ) -> Admission:
+        """Validate, count, route (rules, then load), cap and rewrite; raise the error a client should see.
+
+        `loads` is the latest scraped figure per backend: an input, so the decision stays pure.
+        """
+        translator, identity = need.translator, need.identity
         if len(raw) > self.max_body_bytes:
             raise errors.body_too_large(self.max_body_bytes)
         try:
@@ -215,10 +241,11 @@ class Gateway:
             allowed = self._allowed[identity.tenant.name]
             if allowed is not None and model.name not in allowed:
                 raise errors.model_not_allowed(requested_model)
-        if translator.endpoint not in model.endpoints:
+        own = model.own
+        if translator.endpoint not in own.endpoints:
             raise errors.invalid_request(
                 f"Model `{requested_model}` does not serve the {translator.endpoint} endpoint "
-                f"(it serves: {', '.join(sorted(model.endpoints))}).",
+                f"(it serves: {', '.join(sorted(own.endpoints))}).",
                 "model",
                 code="unsupported_endpoint",
             )
@@ -226,22 +253,61 @@ class Gateway:
 
         notes: list[str] = []
         cost = translator.prompt_cost(body, model.counter, self.framing)
+        facts = RequestFacts(
+            tenant=identity.tenant.name if identity is not None else None,
+            tier=identity.tenant.tier if identity is not None else None,
+            traffic_class=need.traffic_class,
+            endpoint=translator.endpoint,
+            requested_model=requested_model,
+            model=model.name,
+            json_mode=_json_mode(body),
+            tools=bool(body.get("tools")),
+            quality=need.quality,
+            prompt_tokens=cost.total,
+            messages=len(body["messages"]) if translator.endpoint == "chat" else 0,
+        )
+        action = self.rules.evaluate(facts, model.backend)
+        if isinstance(action, RejectWith):
+            raise errors.rule_rejection(action.status, action.code, action.message)
+        routed = model.targets[action.backend]
+        if translator.endpoint not in routed.endpoints:
+            raise errors.invalid_request(
+                f"Model `{requested_model}` is routed to backend {action.backend} by rule {action.rule}, "
+                f"which does not serve the {translator.endpoint} endpoint.",
+                "model",
+                code="unsupported_endpoint",
+            )
+        choice = choose(
+            model,
+            action.backend,
+            translator.endpoint,
+            need.traffic_class,
+            cost.longest,
+            cost.total,
+            translator.requested_completion(body),
+            loads,
+            self.load_policy,
+        )
+        target = choice.target
+        if target is not routed:
+            notes.append(f"fallback {routed.backend}->{target.backend}")
+
         prompt_field = translator.prompt_field
-        if cost.total > model.prompt_cap:
+        if cost.total > target.prompt_cap:
             raise errors.invalid_request(
                 f"The prompt is {cost.total} tokens; model `{requested_model}` accepts at most "
-                f"{model.prompt_cap} prompt tokens.",
+                f"{target.prompt_cap} prompt tokens.",
                 prompt_field,
                 code="prompt_too_long",
             )
         changed = False
         completion = 0
         if translator.generates:
-            completion, changed = self._settle_completion_cap(translator, body, model, cost.longest, notes)
-        if cost.longest + completion > model.max_model_len:
-            raise _context_exceeded(model.max_model_len, cost.longest, completion, prompt_field)
+            completion, changed = self._settle_completion_cap(translator, body, model, target, cost.longest, notes)
+        if cost.longest + completion > target.max_model_len:
+            raise _context_exceeded(target.max_model_len, cost.longest, completion, prompt_field)
 
-        changed |= self._normalize(translator, body, model, notes)
+        changed |= self._normalize(translator, body, model, target, notes)
         stream = translator.generates and body.get("stream") is True
         hide_usage = False
         if stream:
@@ -252,23 +318,23 @@ class Gateway:
                 hide_usage = True
                 changed = True
         new_body = orjson.dumps(body) if changed else None
-        set_headers = [(self.backend_header, model.subset)]
+        set_headers = [(self.backend_header, target.subset), (names.TRAFFIC_CLASS, need.traffic_class)]
         remove_headers: list[str] = []
         if identity is not None:
             tenant = identity.tenant
-            set_headers += [
-                (names.TENANT, tenant.name),
-                (names.TIER, tenant.tier),
-                (names.TRAFFIC_CLASS, tenant.traffic_class),
-            ]
+            set_headers += [(names.TENANT, tenant.name), (names.TIER, tenant.tier)]
             remove_headers += self.auth.strip
         else:
-            remove_headers += self._identity_headers
+            remove_headers += (names.TENANT, names.TIER)
         # A replaced body's content-length is the adapter's to set: it depends on how the body travels.
         return Admission(
             model=model,
+            target=target,
             endpoint=translator.endpoint,
             identity=identity,
+            traffic_class=need.traffic_class,
+            rule=action.rule,
+            considered=choice.considered,
             set_headers=set_headers,
             remove_headers=remove_headers,
             body=new_body,
@@ -284,6 +350,7 @@ class Gateway:
         translator: Translator,
         body: dict[str, Any],
         model: CompiledModel,
+        target: Target,
         longest: int,
         notes: list[str],
     ) -> tuple[int, bool]:
@@ -291,30 +358,32 @@ class Gateway:
         requested = translator.requested_completion(body)
         if requested is None:
             # Shrink our own default to the room left; the client asked for nothing specific.
-            completion = max(1, min(model.default_completion, model.max_model_len - longest))
+            completion = max(1, min(target.default_completion, target.max_model_len - longest))
             body["max_tokens"] = completion
             notes.append(f"max_tokens={completion} (default)")
             return completion, True
-        if requested <= model.completion_cap:
+        if requested <= target.completion_cap:
             return requested, False
         field_name = translator.completion_field(body)
         if model.cap_action == "reject":
             raise errors.invalid_request(
-                f"`{field_name}` is {requested}; model `{body['model']}` allows at most {model.completion_cap}.",
+                f"`{field_name}` is {requested}; model `{body['model']}` allows at most {target.completion_cap}.",
                 field_name,
                 code="max_tokens_exceeded",
             )
         for name in ("max_tokens", "max_completion_tokens"):
             if body.get(name) is not None:
-                body[name] = model.completion_cap
-        notes.append(f"{field_name} clamped {requested}->{model.completion_cap}")
-        return model.completion_cap, True
+                body[name] = target.completion_cap
+        notes.append(f"{field_name} clamped {requested}->{target.completion_cap}")
+        return target.completion_cap, True
 
-    def _normalize(self, translator: Translator, body: dict[str, Any], model: CompiledModel, notes: list[str]) -> bool:
+    def _normalize(
+        self, translator: Translator, body: dict[str, Any], model: CompiledModel, target: Target, notes: list[str]
+    ) -> bool:
         """Idempotent rewrite: applying it to its own output changes nothing."""
         changed = False
-        if body["model"] != model.served_name:
-            body["model"] = model.served_name
+        if body["model"] != target.served_name:
+            body["model"] = target.served_name
             changed = True
         if "stop" in body:
             stop = _normalize_stop(body["stop"], self.max_stop_sequences)
@@ -338,6 +407,11 @@ class Gateway:
             notes.append("stripped " + ",".join(stripped))
             changed = True
         return changed
+
+
+def _json_mode(body: dict[str, Any]) -> bool:
+    response_format = body.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
 
 
 def _json_reply(payload: list[dict[str, Any]]) -> Reply:

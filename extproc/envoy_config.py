@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from extproc.policy import Policy
+
 
 @dataclass(frozen=True)
 class Upstream:
@@ -35,6 +37,16 @@ class EnvoySetup:
     # Envoy ignores the server's SETTINGS_MAX_CONCURRENT_STREAMS (envoyproxy/envoy#13933), so this is
     # the only way to make it open several connections, which SO_REUSEPORT workers need to share load.
     extproc_streams_per_connection: int = 0
+
+
+def message_timeout_ms(policy: Policy) -> int:
+    """Envoy's per-message ext_proc timeout for a policy: it must outlast the admission queue's wait.
+
+    The reply to the request body is sent only when the request leaves the queue, so a message
+    timeout at or below `queue.max_wait_ms` would turn every queued request into Envoy's 504.
+    One second on top covers counting a long prompt; 2 s is the floor the local stack always had.
+    """
+    return max(2000, policy.queue.max_wait_ms + 1000)
 
 
 def _cluster(name: str, host: str, ports: list[int], http2: bool = False, streams: int = 0) -> dict[str, Any]:

@@ -6,6 +6,7 @@ response: status, the `{"error": {...}}` body, and extra headers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -88,3 +89,33 @@ def quota_store_unavailable() -> GatewayError:
         type="server_error",
         code="quota_store_unavailable",
     )
+
+
+def shed(
+    traffic_class: str, backend: str, wait_ms: int, headers: dict[str, str], reason: str = "saturated"
+) -> GatewayError:
+    """Load shedding. Lower classes get 429: our priority policy refused them. Interactive traffic gets
+    503: the service itself is overloaded. Both carry retry-after(-ms), which openai-python honours."""
+    why = "is saturated" if reason == "saturated" else "has no room in its admission queue"
+    if reason == "queue_timeout":
+        why = "did not free a slot in time"
+    if traffic_class == "interactive":
+        return GatewayError(
+            503,
+            f"The model backend {why}; please retry in {math.ceil(wait_ms / 1000)}s.",
+            type="server_error",
+            code="backend_overloaded",
+            headers=headers,
+        )
+    return GatewayError(
+        429,
+        f"The model backend {why} and {traffic_class} traffic is being shed; please retry in "
+        f"{math.ceil(wait_ms / 1000)}s.",
+        type="requests",
+        code="shed",
+        headers=headers,
+    )
+
+
+def rule_rejection(status: int, code: str, message: str) -> GatewayError:
+    return GatewayError(status, message, type="invalid_request_error" if status < 500 else "server_error", code=code)

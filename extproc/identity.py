@@ -82,7 +82,21 @@ def load_key_file(path: str) -> list[tuple[str, KeySpec]]:
     return entries
 
 
+def read_key_files(policy: Policy) -> list[tuple[str, KeySpec]]:
+    """Every key in the policy's mounted Secret files (the only file I/O identity needs)."""
+    entries: list[tuple[str, KeySpec]] = []
+    for path in policy.auth.key_files:
+        entries.extend(load_key_file(path))
+    return entries
+
+
 class Authenticator:
+    """Decides who is calling from headers alone; key files are read by the caller (`read_key_files`)."""
+
+    @classmethod
+    def load(cls, policy: Policy) -> Authenticator:
+        return cls(policy, read_key_files(policy))
+
     def __init__(self, policy: Policy, extra_keys: list[tuple[str, KeySpec]] | None = None) -> None:
         auth = policy.auth
         self.enabled = bool(policy.tenants)
@@ -99,8 +113,6 @@ class Authenticator:
         # Digest prefix -> [(full digest, the identity it proves)]; identities are built once, here.
         self._keys: dict[str, list[tuple[bytes, Identity]]] = {}
         entries = [(tenant, key) for tenant, spec in policy.tenants.items() for key in spec.keys]
-        for path in auth.key_files:
-            entries.extend(load_key_file(path))
         entries.extend(extra_keys or ())
         for tenant_name, key in entries:
             if tenant_name not in self.tenants:

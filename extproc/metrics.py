@@ -83,6 +83,18 @@ QUOTA_PENDING = Gauge(
     registry=REGISTRY,
 )
 
+POLICY_RELOADS = HotCounter(
+    "extproc_policy_reloads",
+    "Policy reloads by result: ok, or refused (the last good policy stays in force).",
+    ["result"],
+    registry=REGISTRY,
+)
+
+
+def count_reload(result: object) -> None:
+    POLICY_RELOADS.inc(("ok" if getattr(result, "ok", False) else "refused",))
+
+
 # Outcomes come from our own error codes; anything else is folded into "error" to keep the set closed.
 _OUTCOMES = frozenset(
     {
@@ -101,6 +113,10 @@ _OUTCOMES = frozenset(
         "quota_store_unavailable",
         "invalid_api_key",
         "internal_error",
+        "method_not_allowed",
+        "unsupported_media_type",
+        "shed",
+        "backend_overloaded",
     }
 )
 

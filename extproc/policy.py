@@ -63,10 +63,41 @@ class ModelPolicy(_Strict):
     params: ParamPolicy = Field(default_factory=ParamPolicy)
 
 
+class BackendLoadSource(_Strict):
+    """Where the gateway reads a backend's vLLM /metrics: fixed URLs, or a DNS name listing every pod."""
+
+    metrics_urls: list[str] = Field(default_factory=list)
+    # host:port of a headless Service, re-resolved every round; each address is scraped at metrics_path.
+    metrics_dns: str | None = None
+    metrics_path: str = "/metrics"
+
+    @model_validator(mode="after")
+    def _check(self) -> BackendLoadSource:
+        for url in self.metrics_urls:
+            if not url.startswith("http://"):
+                raise ValueError(f"metrics_urls: {url!r} must be an http:// URL")
+        if self.metrics_dns is not None and not re.match(r"^[A-Za-z0-9_.:-]+:[0-9]+$", self.metrics_dns):
+            raise ValueError("metrics_dns must be host:port")
+        return self
+
+
 class BackendPolicy(_Strict):
     # The value written into the routing header; a DestinationRule subset name in the mesh.
     subset: str | None = None
     description: str = ""
+    # What this backend serves, when a rule or a fallback sends it a model that is not its own:
+    # the model name written into the body, its context window and its caps. A model's own
+    # backend uses the model's values.
+    served_name: str | None = None
+    max_model_len: PositiveInt | None = None
+    max_prompt_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    endpoints: list[Endpoint] | None = None
+    # Tried in order when this backend is saturated.
+    fallbacks: list[str] = Field(default_factory=list)
+    # Requests in flight to this backend from one gateway replica (all its workers); None: no cap.
+    max_in_flight: PositiveInt | None = None
+    load: BackendLoadSource = Field(default_factory=BackendLoadSource)
 
 
 class GatewayPolicy(_Strict):
@@ -131,6 +162,9 @@ class KeySpec(_Strict):
 class TenantPolicy(_Strict):
     tier: str = "standard"
     traffic_class: TrafficClass = "interactive"
+    # Classes the tenant may pick per request with x-llm-class (its own class is always allowed;
+    # a lower-priority class is always allowed too: giving way never needs permission).
+    allowed_classes: list[TrafficClass] = Field(default_factory=list)
     allowed_models: list[str] = Field(default_factory=lambda: ["*"], description="public names, or '*'")
     keys: list[KeySpec] = Field(default_factory=list)
     # Mesh identities (SPIFFE IDs from x-forwarded-client-cert) that act as this tenant.
@@ -167,6 +201,103 @@ class QuotaPolicy(_Strict):
     key_prefix: str = "xp"
 
 
+class Range(_Strict):
+    """An inclusive range; either end may be left open."""
+
+    min: int | None = Field(default=None, ge=0)
+    max: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Range:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min exceeds max")
+        return self
+
+
+class RuleMatch(_Strict):
+    """Every condition given must hold; a list matches any of its values; an absent one matches all."""
+
+    tenants: list[str] | None = None
+    tiers: list[str] | None = None
+    classes: list[TrafficClass] | None = None
+    endpoints: list[Endpoint] | None = None
+    models: list[str] | None = Field(default=None, description="public names or aliases")
+    json_mode: bool | None = None
+    tools: bool | None = None
+    quality: list[str] | None = None
+    prompt_tokens: Range | None = None
+    messages: Range | None = None
+
+
+class RuleReject(_Strict):
+    status: int = Field(default=400, ge=400, le=599)
+    code: str = Field(min_length=1, pattern=r"^[a-z][a-z0-9_]*$")
+    message: str = Field(min_length=1)
+
+
+class RulePolicy(_Strict):
+    name: str = Field(min_length=1)
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    backend: str | None = None
+    reject: RuleReject | None = None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> RulePolicy:
+        if (self.backend is None) == (self.reject is None):
+            raise ValueError("a rule needs exactly one of `backend` or `reject`")
+        return self
+
+
+class RoutingPolicy(_Strict):
+    rules: list[RulePolicy] = Field(default_factory=list)
+    # Where a request that no rule matched goes; None: the requested model's own backend.
+    default: str | None = None
+    quality_header: str = "x-llm-quality"
+    # The values x-llm-quality may take; any other value is ignored (as if absent).
+    quality_values: list[str] = Field(default_factory=lambda: ["standard", "high"])
+
+    @model_validator(mode="after")
+    def _check(self) -> RoutingPolicy:
+        if not _HEADER_NAME.match(self.quality_header):
+            raise ValueError("quality_header must be a lower-case header name")
+        names = [rule.name for rule in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError("rule names must be unique")
+        return self
+
+
+class Saturation(_Strict):
+    # llm-d's defaults: a queue of 5 per pod or 80% KV-cache use is saturated.
+    queue_per_pod: float = Field(default=5.0, gt=0)
+    kv_cache: float = Field(default=0.8, gt=0, le=1)
+
+
+class ShedAt(_Strict):
+    """The saturation level (1.0 = at a threshold) at which each class is shed when no fallback can help."""
+
+    experimental: float = Field(default=1.0, gt=0)
+    batch: float = Field(default=1.0, gt=0)
+    interactive: float = Field(default=2.0, gt=0)
+
+
+class LoadPolicy(_Strict):
+    scrape_interval_ms: PositiveInt = 500
+    scrape_timeout_ms: PositiveInt = 1000
+    # Figures older than this are unknown; `unknown` says what an unknown backend is taken to be.
+    stale_after_ms: PositiveInt = 2000
+    unknown: Literal["available", "saturated"] = "available"
+    saturation: Saturation = Field(default_factory=Saturation)
+    shed_at: ShedAt = Field(default_factory=ShedAt)
+
+
+class QueuePolicy(_Strict):
+    """The admission queue in front of a backend at its in-flight cap."""
+
+    # Must stay below Envoy's ext_proc message_timeout (the local stack derives it from this).
+    max_wait_ms: int = Field(default=1000, ge=0, le=60_000)
+    max_length: int = Field(default=64, ge=0)
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     gateway: GatewayPolicy = Field(default_factory=GatewayPolicy)
@@ -176,6 +307,9 @@ class Policy(_Strict):
     quotas: QuotaPolicy = Field(default_factory=QuotaPolicy)
     # No tenants: no authentication and no quotas (a trusted, single-team setup).
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
+    routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
+    load: LoadPolicy = Field(default_factory=LoadPolicy)
+    queue: QueuePolicy = Field(default_factory=QueuePolicy)
 
     @model_validator(mode="after")
     def _check_references(self) -> Policy:
@@ -196,6 +330,35 @@ class Policy(_Strict):
                 and (model.default_max_tokens > model.max_completion_tokens)
             ):
                 raise ValueError(f"models[{model.name}].default_max_tokens exceeds max_completion_tokens")
+        for backend_name, backend in self.backends.items():
+            for fallback in backend.fallbacks:
+                if fallback not in self.backends:
+                    raise ValueError(f"backends[{backend_name}].fallbacks: {fallback!r} is not a key of `backends`")
+                if fallback == backend_name:
+                    raise ValueError(f"backends[{backend_name}].fallbacks: a backend cannot fall back to itself")
+        routing = self.routing
+        if routing.default is not None and routing.default not in self.backends:
+            raise ValueError(f"routing.default: {routing.default!r} is not a key of `backends`")
+        for rule in routing.rules:
+            where = f"routing.rules[{rule.name}]"
+            if rule.backend is not None and rule.backend not in self.backends:
+                raise ValueError(
+                    f"{where}.backend: {rule.backend!r} is not a key of `backends` "
+                    f"(known: {', '.join(sorted(self.backends))})"
+                )
+            match = rule.match
+            for model_name in match.models or ():
+                if model_name not in seen:
+                    raise ValueError(f"{where}.match.models: {model_name!r} is not a model name")
+            for tenant_name in match.tenants or ():
+                if tenant_name not in self.tenants:
+                    raise ValueError(f"{where}.match.tenants: {tenant_name!r} is not a tenant")
+            for quality in match.quality or ():
+                if quality not in routing.quality_values:
+                    raise ValueError(
+                        f"{where}.match.quality: {quality!r} is not in routing.quality_values "
+                        f"({', '.join(routing.quality_values)})"
+                    )
         for tenant_name, tenant in self.tenants.items():
             if not _NAME.match(tenant_name):
                 raise ValueError(f"tenants[{tenant_name}]: a tenant name is 1-63 letters, digits, '_', '.', '-'")

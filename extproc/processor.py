@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from enum import Enum
 from typing import TypeAlias
 
@@ -20,13 +20,20 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from extproc import metrics, names, wire
+from extproc.admission import AdmissionQueue, Shed, Slot
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.errors import GatewayError
+from extproc.load import BackendLoad
 from extproc.quota.service import QuotaService, Reservation
+from extproc.saturation import queue_shed_error
 
 log = logging.getLogger("extproc.request")
 
 _Mode = processing_mode_pb2.ProcessingMode
+
+# The latest load figure per backend, as the scraper last saw it.
+LoadView: TypeAlias = Callable[[], Mapping[str, BackendLoad]]
+_NO_LOADS: Mapping[str, BackendLoad] = {}
 
 # What a stream answers: serialized bytes on the hot paths (see wire.py), messages for rare replies.
 Wire: TypeAlias = bytes | pb.ProcessingResponse
@@ -154,11 +161,31 @@ _CONTINUE_BY_KIND: dict[str, bytes] = {
 class RequestStream:
     """Per-request state: what has been seen, what was decided, what the response showed."""
 
-    __slots__ = ("admission", "gateway", "need", "phase", "quotas", "reservation", "watcher")
+    __slots__ = (
+        "admission",
+        "gateway",
+        "loads",
+        "need",
+        "phase",
+        "queue",
+        "quotas",
+        "reservation",
+        "slot",
+        "watcher",
+    )
 
-    def __init__(self, gateway: Gateway, quotas: QuotaService | None = None) -> None:
-        self.gateway = gateway
+    def __init__(
+        self,
+        gateway: Gateway,
+        quotas: QuotaService | None = None,
+        loads: LoadView | None = None,
+        queue: AdmissionQueue | None = None,
+    ) -> None:
+        self.gateway = gateway  # the policy in force when the stream began: a reload never changes it midway
         self.quotas = quotas
+        self.loads = loads
+        self.queue = queue
+        self.slot: Slot | None = None
         self.phase = Phase.REQUEST_HEADERS
         self.need: NeedBody | None = None
         self.admission: Admission | None = None
@@ -199,29 +226,36 @@ class RequestStream:
         return wire.reply("request_headers", mutation, clear_route_cache=True) + _PASSTHROUGH_OVERRIDE
 
     async def _on_request_body(self, message: pb.HttpBody) -> Wire:
-        assert self.need is not None  # the phase says the headers asked for this body
-        endpoint = self.need.translator.endpoint
+        need = self.need
+        assert need is not None  # the phase says the headers asked for this body
+        endpoint = need.translator.endpoint
+        gateway = self.gateway
+        loads = self.loads() if self.loads is not None else _NO_LOADS
         admission: Admission | None = None
         body = message.body  # each read of a protobuf bytes field is a fresh copy
         try:
             if len(body) < OFFLOAD_BODY_BYTES:
-                admission = self.gateway.on_request_body(self.need.translator, body, self.need.identity)
+                admission = gateway.on_request_body(need, body, loads)
             else:
                 # Counting a long prompt takes tens of milliseconds; the tokenizers release the GIL
                 # while they work, so in a thread it no longer stalls every other stream on the loop.
-                admission = await asyncio.to_thread(
-                    self.gateway.on_request_body, self.need.translator, body, self.need.identity
-                )
+                admission = await asyncio.to_thread(gateway.on_request_body, need, body, loads)
             if self.quotas is not None and admission.identity is not None:
                 self.reservation = await self.quotas.admit(
-                    admission.identity, admission.model.name, admission.prompt_tokens, admission.completion_tokens
+                    admission.identity,
+                    admission.model.name,
+                    admission.prompt_tokens,
+                    admission.completion_tokens,
+                    gateway.quota_planner,
                 )
+            if self.queue is not None:
+                self.slot = await self._take_slot(admission)
         except GatewayError as exc:
             self.phase = Phase.DONE
             model = admission.model.name if admission is not None else "-"
             metrics.count_request(model, endpoint, exc.code)
             if log.isEnabledFor(logging.INFO):
-                identity = self.need.identity
+                identity = need.identity
                 tenant = identity.tenant.name if identity is not None else "-"
                 log.info(
                     "refused endpoint=%s model=%s tenant=%s status=%d code=%s",
@@ -236,6 +270,35 @@ class RequestStream:
         self.phase = Phase.UPSTREAM
         metrics.count_request(admission.model.name, endpoint, "ok")
         return _admitted_reply(admission)
+
+    async def _take_slot(self, admission: Admission) -> Slot:
+        """A place among the backend's in-flight requests, maybe after a bounded wait in its queue."""
+        assert self.queue is not None
+        target = admission.target
+        queue_policy = self.gateway.policy.queue
+        identity = admission.identity
+        try:
+            return await self.queue.acquire(
+                target.backend,
+                target.max_in_flight,
+                admission.priority,
+                identity.tenant.name if identity is not None else "-",
+                queue_policy.max_wait_ms / 1000,
+                queue_policy.max_length,
+            )
+        except Shed as shed:
+            self._give_back_reservation()
+            raise queue_shed_error(
+                admission.traffic_class, target.backend, shed.reason, max(queue_policy.max_wait_ms, 1000)
+            ) from None
+        except asyncio.CancelledError:
+            self._give_back_reservation()  # the client went away while queued: it cost nothing
+            raise
+
+    def _give_back_reservation(self) -> None:
+        if self.reservation is not None and self.quotas is not None:
+            self.quotas.settle(self.reservation, 0, 0)
+        self.reservation = None
 
     def _on_response_headers(self, message: pb.HttpHeaders) -> Wire:
         assert self.admission is not None  # the phase is UPSTREAM only once admitted
@@ -300,6 +363,9 @@ class RequestStream:
 
     def finish(self) -> tuple[Reservation, int, int] | None:
         """The stream is over, finished or cut short: count and log the cost; return what to settle."""
+        if self.slot is not None and self.queue is not None:
+            self.queue.release(self.slot)
+            self.slot = None
         if self.admission is None:
             return None
         prompt, completion = self.final_usage()
@@ -329,7 +395,7 @@ class RequestStream:
             "prompt_tokens=%d completion_tokens=%d usage=%s max_completion_tokens=%d%s",
             admission.endpoint,
             admission.model.name,
-            admission.model.subset,
+            admission.target.subset,
             identity.tenant.name if identity is not None else "-",
             admission.stream,
             watcher.status if watcher is not None else 0,
@@ -343,14 +409,23 @@ class RequestStream:
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gateway: Gateway, quotas: QuotaService | None = None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        quotas: QuotaService | None = None,
+        loads: LoadView | None = None,
+        queue: AdmissionQueue | None = None,
+    ) -> None:
+        # Replaced whole by a reload (one assignment); each stream keeps the one it began with.
         self.gateway = gateway
         self.quotas = quotas
+        self.loads = loads
+        self.queue = queue
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Wire]:
-        stream = RequestStream(self.gateway, self.quotas)
+        stream = RequestStream(self.gateway, self.quotas, self.loads, self.queue)
         try:
             async for request in request_iterator:
                 try:

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from extproc import metrics
+from extproc.admission import AdmissionQueue
+from extproc.compiled import CompiledPolicy, compile_policy
+from extproc.inflight import InFlightCounter, LocalInFlight, SharedInFlight
+from extproc.load import BackendLoad, BackendTargets, LoadScraper
 from extproc.policy import Policy
 from extproc.quota.service import QuotaService
+from extproc.reload import PolicyWatcher
 
 log = logging.getLogger("extproc.server")
 
@@ -27,12 +34,44 @@ class ServeOptions:
     grace_seconds: float = 30.0
     redis_url: str | None = None
     metrics_port: int | None = None  # worker i serves on metrics_port + i
+    policy_path: str | None = None  # watched for changes (and re-read on SIGHUP); None: no reload
+    # Metrics URLs for backends whose policy names no load source (the local stack's fakes).
+    load_urls: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    reload_interval_s: float = 1.0
+    in_flight: InFlightCounter | None = None  # shared by the workers of a replica; set by the supervisor
 
 
-def build_quota_service(policy: Policy, redis_url: str | None) -> QuotaService | None:
-    """Quotas exist only with tenants; Redis when a URL is given, else this process's memory."""
-    if not policy.tenants:
-        return None
+def load_targets(policy: Policy, extra_urls: dict[str, tuple[str, ...]]) -> dict[str, BackendTargets]:
+    """Where to scrape each backend's vLLM figures: the policy's sources, else the ones given at start."""
+    targets = {}
+    for name, backend in policy.backends.items():
+        source = backend.load
+        urls = tuple(source.metrics_urls) or extra_urls.get(name, ())
+        if urls or source.metrics_dns:
+            targets[name] = BackendTargets(urls=urls, dns=source.metrics_dns, path=source.metrics_path)
+    return targets
+
+
+class CachedLoads:
+    """The scraper's snapshot, rebuilt at most every few milliseconds rather than per request."""
+
+    def __init__(self, scraper: LoadScraper, max_age_s: float = 0.05) -> None:
+        self.scraper = scraper
+        self.max_age_s = max_age_s
+        self._at = -1.0
+        self._snapshot: dict[str, BackendLoad] = {}
+
+    def __call__(self) -> dict[str, BackendLoad]:
+        now = time.monotonic()
+        if now - self._at > self.max_age_s:
+            self._snapshot = self.scraper.snapshot()
+            self._at = now
+        return self._snapshot
+
+
+def build_quota_service(policy: Policy, redis_url: str | None) -> QuotaService:
+    """Redis when a URL is given, else this process's memory. Built even without tenants, so a
+    reload that adds tenants finds it ready (without tenants nothing ever calls it)."""
     from extproc.quota.memory import MemoryStore
 
     if redis_url is None:
@@ -72,10 +111,40 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
         from extproc.metrics import serve_metrics
 
         serve_metrics(options.metrics_port + worker_index)
-    gateway = Gateway(options.policy)
+    loop = asyncio.get_running_loop()
+    # Tokenizers and key files are read off the loop, as a reload reads them.
+    compiled = await asyncio.to_thread(compile_policy, options.policy)
+    gateway = Gateway(compiled)
     quotas = build_quota_service(options.policy, options.redis_url)
+    scraper = LoadScraper(
+        load_targets(options.policy, options.load_urls),
+        interval_s=options.policy.load.scrape_interval_ms / 1000,
+        timeout_s=options.policy.load.scrape_timeout_ms / 1000,
+        stale_after_s=options.policy.load.stale_after_ms / 1000,
+    )
+    scraper.start()
+    queue = AdmissionQueue(options.in_flight or LocalInFlight())
+    processor = ExternalProcessor(gateway, quotas, CachedLoads(scraper), queue)
+
+    def apply(new: CompiledPolicy) -> None:
+        # One assignment: streams already running keep the gateway they began with.
+        processor.gateway = Gateway(new)
+        scraper.set_targets(load_targets(new.policy, options.load_urls))
+        scraper.configure(
+            interval_s=new.policy.load.scrape_interval_ms / 1000,
+            timeout_s=new.policy.load.scrape_timeout_ms / 1000,
+            stale_after_s=new.policy.load.stale_after_ms / 1000,
+        )
+
+    watcher: PolicyWatcher | None = None
+    if options.policy_path is not None:
+        watcher = PolicyWatcher(
+            options.policy_path, options.policy, apply, metrics.count_reload, options.reload_interval_s
+        )
+        watcher.start()
+        loop.add_signal_handler(signal.SIGHUP, watcher.request)
     server = grpc.aio.server(options=grpc_options(options.policy))
-    add_processor_to_server(ExternalProcessor(gateway, quotas), server)
+    add_processor_to_server(processor, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(options.listen)
@@ -87,15 +156,16 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     log.info("serving ext_proc on %s (pid %d)", options.listen, os.getpid())
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: draining streams for up to %.0fs", options.grace_seconds)
     await health.enter_graceful_shutdown()
+    if watcher is not None:
+        await watcher.stop()
     await server.stop(options.grace_seconds)
-    if quotas is not None:
-        await quotas.close()  # settlements in flight are written (or kept queued) before exit
+    await scraper.stop()
+    await quotas.close()  # settlements in flight are written (or kept queued) before exit
     log.info("stopped")
 
 
@@ -124,14 +194,19 @@ def _supervise(options: ServeOptions) -> int:
     """Fork N workers sharing the port (SO_REUSEPORT); restart any that die unexpectedly."""
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
+    # In-flight counts per backend shared by every worker, so a cap holds for the replica.
+    in_flight = SharedInFlight.create(options.workers)
+    options = dataclasses.replace(options, in_flight=in_flight)
 
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             code = 0
             try:
+                in_flight.bind_worker(index)
                 run_worker(options, index)
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -148,8 +223,14 @@ def _supervise(options: ServeOptions) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def forward_reload(signum: int, _frame: object) -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward_reload)
     for index in range(options.workers):
         spawn(index)
     log.info("started %d workers on %s", options.workers, options.listen)
@@ -165,6 +246,8 @@ def _supervise(options: ServeOptions) -> int:
             continue
         index = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
+        # Slots the dead worker held come back before its replacement starts.
+        in_flight.reset_worker(index)
         if not stopping:
             log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
             time.sleep(0.5)  # a worker that dies at start must not spin the CPU

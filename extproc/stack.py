@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from extproc.envoy_config import EnvoySetup, Upstream, render
+from extproc.envoy_config import EnvoySetup, Upstream, message_timeout_ms, render
 from extproc.policy import Policy, load_policy
 
 
@@ -213,10 +213,12 @@ class LocalStack:
     def _start(self, timeout: float) -> None:
         assert self.work_dir is not None and self.extproc_port is not None and self.admin_port is not None
         waits: list[tuple[ManagedProcess, str | int]] = []
+        load_urls: list[str] = []
         for backend in self.policy.backends:
             subset = self.policy.subset(backend)
             port = free_port()
             self.upstreams.append(Upstream(subset, port))
+            load_urls += ["--load-url", f"{backend}=http://127.0.0.1:{port}/metrics"]
             argv = self._python("fake-vllm", "--port", str(port), "--name", subset)
             if self.token_delay_ms:
                 argv += ["--token-delay-ms", str(self.token_delay_ms)]
@@ -246,6 +248,7 @@ class LocalStack:
                 )
                 if self.redis_url:
                     argv += ["--redis-url", self.redis_url]
+                argv += load_urls
             name = "extproc" if replica == 0 else f"extproc-{replica + 1}"
             waits.append((self._add(name, argv), port))
         config = self.work_dir / "envoy.yaml"
@@ -260,6 +263,7 @@ class LocalStack:
                     backend_header=self.policy.gateway.backend_header,
                     max_body_bytes=self.policy.gateway.max_body_bytes,
                     extproc_streams_per_connection=self._streams_per_connection(),
+                    message_timeout_ms=message_timeout_ms(self.policy),
                 )
             )
         )

@@ -17,4 +17,4 @@ def gateway_policy_path() -> Path:
 
 @pytest.fixture(scope="session")
 def gateway(gateway_policy_path: Path) -> Gateway:
-    return Gateway(load_policy(gateway_policy_path))
+    return Gateway.from_policy(load_policy(gateway_policy_path))

@@ -50,7 +50,7 @@ def exchange(key: str, body: dict[str, object], response: bytes | None) -> list[
 async def drive(messages: list[pb.ProcessingRequest]) -> None:
     policy = load_policy(POLICY)
     quotas = QuotaService(policy, MemoryStore())
-    stream = RequestStream(Gateway(policy), quotas)
+    stream = RequestStream(Gateway.from_policy(policy), quotas)
     for message in messages:
         await stream.handle(message)
     settlement = stream.finish()

@@ -23,7 +23,7 @@ def admit(gateway: Gateway, body: dict[str, Any] | bytes, path: str = "/v1/chat/
     verdict = gateway.on_request_headers(head(path))
     assert isinstance(verdict, NeedBody)
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return gateway.on_request_body(verdict.translator, raw, verdict.identity)
+    return gateway.on_request_body(verdict, raw)
 
 
 def refuse(gateway: Gateway, body: dict[str, Any] | bytes, path: str = "/v1/chat/completions") -> GatewayError:
@@ -232,7 +232,7 @@ def test_alias_routes_and_renames(gateway: Gateway) -> None:
     assert sent(admission)["model"] == "org/tiny-served"
     assert admission.set_headers[0] == ("x-llm-backend", "small")
     strict = admit(gateway, {"model": "strict", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
-    assert strict.set_headers == [("x-llm-backend", "large-pool")]
+    assert strict.set_headers == [("x-llm-backend", "large-pool"), ("x-llm-class", "interactive")]
     assert strict.body is None  # nothing to rewrite: the original body goes upstream
 
 

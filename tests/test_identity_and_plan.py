@@ -87,11 +87,11 @@ def test_mesh_identity_only_when_trusted() -> None:
 def test_keys_from_a_mounted_secret_file(tmp_path: Path) -> None:
     secret = tmp_path / "keys.yaml"
     secret.write_text(yaml.safe_dump([{"tenant": "solo", "name": "file-key", "sha256": hash_key("sk-file")}]))
-    auth = Authenticator(policy(auth={"key_files": [str(secret)]}))
+    auth = Authenticator.load(policy(auth={"key_files": [str(secret)]}))
     assert auth.identify({"authorization": "Bearer sk-file"}).key_name == "file-key"
     secret.write_text(yaml.safe_dump([{"tenant": "ghost", "name": "x", "sha256": hash_key("x")}]))
     with pytest.raises(PolicyError, match="unknown tenant 'ghost'"):
-        Authenticator(policy(auth={"key_files": [str(secret)]}))
+        Authenticator.load(policy(auth={"key_files": [str(secret)]}))
 
 
 def test_policy_rejects_plain_keys_and_unknown_models() -> None:
@@ -102,7 +102,7 @@ def test_policy_rejects_plain_keys_and_unknown_models() -> None:
 
 
 def _gateway() -> Gateway:
-    return Gateway(policy())
+    return Gateway.from_policy(policy())
 
 
 def test_models_and_allowed_models_per_tenant() -> None:
@@ -118,9 +118,9 @@ def test_models_and_allowed_models_per_tenant() -> None:
     assert isinstance(verdict, NeedBody)
     body = {"model": "m2", "messages": [{"role": "user", "content": "x"}]}
     with pytest.raises(GatewayError) as caught:
-        gateway.on_request_body(verdict.translator, orjson.dumps(body), verdict.identity)
+        gateway.on_request_body(verdict, orjson.dumps(body))
     assert (caught.value.status, caught.value.code) == (403, "model_not_allowed")
-    admission = gateway.on_request_body(verdict.translator, orjson.dumps({**body, "model": "m1"}), verdict.identity)
+    admission = gateway.on_request_body(verdict, orjson.dumps({**body, "model": "m1"}))
     assert ("x-llm-tenant", "solo") in admission.set_headers
     assert admission.remove_headers == ["authorization", "x-api-key"]
 
@@ -236,7 +236,7 @@ def test_duration_format(ms: int, text: str) -> None:
 
 
 def test_only_the_headers_a_decision_reads_are_wanted() -> None:
-    gateway = Gateway(policy(auth={"jwt_tenant_header": "x-jwt-tenant", "trust_spiffe": True}))
+    gateway = Gateway.from_policy(policy(auth={"jwt_tenant_header": "x-jwt-tenant", "trust_spiffe": True}))
     assert {"authorization", "x-api-key", "x-jwt-tenant", "x-forwarded-client-cert"} <= gateway.request_header_names
     assert {":path", ":method", "content-type", "content-length", "x-llm-backend"} <= gateway.request_header_names
     assert "user-agent" not in gateway.request_header_names

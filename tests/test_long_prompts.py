@@ -35,7 +35,7 @@ def long_body() -> bytes:
 
 
 def test_a_short_request_is_decided_while_a_long_prompt_is_counted(tmp_path: Path) -> None:
-    gateway = Gateway(load_policy(bench.bench_policy(tmp_path)))
+    gateway = Gateway.from_policy(load_policy(bench.bench_policy(tmp_path)))
     finished: list[str] = []
 
     async def decide(name: str, body: bytes) -> None:
@@ -79,7 +79,7 @@ def test_through_envoy_a_long_prompt_does_not_hold_up_a_short_one(tmp_path: Path
         time.sleep(0.005)  # the long body is on its way; its count takes tens of milliseconds
         post("short", bench.chat_body(8), stack.listen_port)
         long.join()
-        upstream = f"http://127.0.0.1:{stack.upstream_port(stack.policy.subset('small'))}/debug/requests"
+        upstream = f"http://127.0.0.1:{stack.upstream_port(stack.policy.subset('default-8b'))}/debug/requests"
         with urllib.request.urlopen(upstream) as seen:
             lengths = [r["raw_body_length"] for r in json.load(seen)["requests"]]
     # The gateway admitted the long prompt and sent it on (the fake vLLM's 8192-token window then

@@ -34,7 +34,7 @@ def test_envoy_applies_the_replayed_decisions(tmp_path: Path) -> None:
         assert response.status == 200
         assert "x-ratelimit-remaining-tokens" in headers
         assert answer["usage"]["completion_tokens"] == 8
-        subset = stack.policy.subset("small")
+        subset = stack.policy.subset("default-8b")
         url = f"http://127.0.0.1:{stack.upstream_port(subset)}/debug/requests"
         with urllib.request.urlopen(url) as seen:
             (upstream,) = json.load(seen)["requests"]

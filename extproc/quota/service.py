@@ -38,11 +38,20 @@ class QuotaService:
         self._flush_scheduled = False
 
     async def admit(
-        self, identity: Identity, model: str, prompt_tokens: int, completion_tokens: int
+        self,
+        identity: Identity,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        planner: QuotaPlanner | None = None,
     ) -> Reservation | None:
-        """Reserve prompt + completion cap, or raise the 429/503 the client should see; None: no limits."""
+        """Reserve prompt + completion cap, or raise the 429/503 the client should see; None: no limits.
+
+        `planner` is the one compiled with the policy in force for this request (a reload brings new
+        limits with a new planner); the service's own serves callers that have none.
+        """
         now_ms = int(time.time() * 1000)
-        plan = self.planner.plan(identity, model, prompt_tokens, completion_tokens, now_ms)
+        plan = (planner or self.planner).plan(identity, model, prompt_tokens, completion_tokens, now_ms)
         if plan is None:
             return None
         try:

@@ -1,0 +1,136 @@
+"""Load-aware choice of a backend: saturation, fallbacks, and shedding by traffic class.
+
+Pure: the scraped figures come in as `BackendLoad` values, the verdict goes out as
+plain data (the target chosen, every backend considered and why, or a shed error).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from extproc import errors, names
+from extproc.compiled import CompiledModel, Target
+from extproc.errors import GatewayError
+from extproc.load import BackendLoad
+from extproc.policy import LoadPolicy
+
+# Retry-after bounds: never "now" (clients would hammer), never past openai-python's 60 s window.
+_MIN_RETRY_MS = 1000
+_MAX_RETRY_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Considered:
+    backend: str
+    verdict: str  # "chosen", or why it was passed over
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    target: Target
+    considered: tuple[Considered, ...]
+
+
+def saturation_level(load: BackendLoad | None, policy: LoadPolicy) -> float | None:
+    """max(queue per pod / its threshold, KV use / its threshold); 1.0 is saturated; None: unknown."""
+    if load is None or load.pods == 0 or load.waiting_per_pod is None:
+        return None
+    level = load.waiting_per_pod / policy.saturation.queue_per_pod
+    if load.kv_cache is not None:
+        level = max(level, load.kv_cache / policy.saturation.kv_cache)
+    return level
+
+
+def _describe(load: BackendLoad | None, level: float | None) -> str:
+    if level is None:
+        return "figures unknown"
+    assert load is not None and load.waiting_per_pod is not None
+    kv = f", kv {load.kv_cache:.2f}" if load.kv_cache is not None else ""
+    return f"queue {load.waiting_per_pod:g}/pod{kv}, level {level:.2f}"
+
+
+def _effective_level(load: BackendLoad | None, policy: LoadPolicy) -> tuple[float, str]:
+    level = saturation_level(load, policy)
+    if level is None:
+        # The policy says what not knowing means: optimistic (route as usual) or saturated.
+        return (1.0 if policy.unknown == "saturated" else 0.0), "figures unknown (taken as " + policy.unknown + ")"
+    return level, _describe(load, level)
+
+
+def holds(
+    target: Target, endpoint: str, longest_prompt: int, total_prompt: int, requested_completion: int | None
+) -> str | None:
+    """Why this target cannot take the request, or None when it can (a default completion shrinks to fit)."""
+    if endpoint not in target.endpoints:
+        return f"does not serve {endpoint}"
+    if total_prompt > target.prompt_cap:
+        return f"prompt {total_prompt} > its cap {target.prompt_cap}"
+    completion = 1 if requested_completion is None else min(requested_completion, target.completion_cap)
+    if longest_prompt + completion > target.max_model_len:
+        return f"prompt {longest_prompt} + completion {completion} > its window {target.max_model_len}"
+    return None
+
+
+def choose(
+    model: CompiledModel,
+    primary: str,
+    endpoint: str,
+    traffic_class: str,
+    longest_prompt: int,
+    total_prompt: int,
+    requested_completion: int | None,
+    loads: Mapping[str, BackendLoad],
+    policy: LoadPolicy,
+) -> Choice:
+    """The primary unless it is saturated; then the first fallback that is not and can hold the prompt.
+
+    When none can, the class decides: a class whose shed level the primary has reached is refused
+    with a retry hint; a higher class still goes to the primary (it queues there, as on any busy server).
+    """
+    target = model.targets[primary]
+    level, why = _effective_level(loads.get(primary), policy)
+    if level < 1.0:
+        return Choice(target, (Considered(primary, "chosen: " + why),))
+    considered = [Considered(primary, "saturated: " + why)]
+    for name in target.fallbacks:
+        fallback = model.targets[name]
+        problem = holds(fallback, endpoint, longest_prompt, total_prompt, requested_completion)
+        if problem is not None:
+            considered.append(Considered(name, "cannot take it: " + problem))
+            continue
+        fallback_level, fallback_why = _effective_level(loads.get(name), policy)
+        if fallback_level >= 1.0:
+            considered.append(Considered(name, "saturated: " + fallback_why))
+            continue
+        considered.append(Considered(name, "chosen: " + fallback_why))
+        return Choice(fallback, tuple(considered))
+    shed_at = getattr(policy.shed_at, traffic_class)
+    if level >= shed_at:
+        raise shed_error(traffic_class, primary, loads.get(primary), level)
+    considered[0] = Considered(primary, f"chosen while saturated (level {level:.2f} < {traffic_class} shed level)")
+    return Choice(target, tuple(considered))
+
+
+def retry_after_ms(load: BackendLoad | None) -> int:
+    """How long the backend's queue takes to drain at its current rate, within sane bounds."""
+    if load is None or load.waiting_per_pod is None or not load.drain_per_s:
+        return _MIN_RETRY_MS
+    queued = load.waiting_per_pod * max(load.pods, 1)
+    return max(_MIN_RETRY_MS, min(_MAX_RETRY_MS, math.ceil(1000 * queued / load.drain_per_s)))
+
+
+def _retry_headers(wait_ms: int) -> dict[str, str]:
+    return {names.RETRY_AFTER: str(math.ceil(wait_ms / 1000)), names.RETRY_AFTER_MS: str(wait_ms)}
+
+
+def shed_error(traffic_class: str, backend: str, load: BackendLoad | None, level: float) -> GatewayError:
+    """Lower classes get 429 (this is our priority policy at work); interactive gets 503 (we are overloaded)."""
+    wait_ms = retry_after_ms(load)
+    return errors.shed(traffic_class, backend, wait_ms, _retry_headers(wait_ms))
+
+
+def queue_shed_error(traffic_class: str, backend: str, reason: str, wait_ms: int) -> GatewayError:
+    wait_ms = max(_MIN_RETRY_MS, min(_MAX_RETRY_MS, wait_ms))
+    return errors.shed(traffic_class, backend, wait_ms, _retry_headers(wait_ms), reason=reason)
