@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 import yaml
 
-from extproc.policy import PolicyError, example_policy_path, load_policy
+from extproc.policy import Policy, PolicyError, example_policy_path, load_policy, parse_policy
 from extproc.stack import LocalStack, envoy_binary, free_port, running
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ TARGET_SSE_ADDED_P99_MS = 2.0  # per chunk, over direct
 TARGET_MEMORY_GROWTH_MIB = 2.0  # "flat": peak RSS at most this much above the start
 TARGET_WORKER_SCALING = 1.6  # 2 workers >= 1.6x one worker
 SCALING_BUSY_LIMIT = 0.9  # "where cores allow": with 1 worker the machine must have a tenth of its cores idle
+TARGET_RULE_EVAL_US = 5.0  # routing rules: one RuleTable.evaluate, in process, for a 20-rule policy
 
 # This machine is shared: a measured run during which other processes used more than this share
 # of it is thrown away and repeated, at most MAX_RETRIES times.
@@ -103,6 +105,9 @@ class Settings:
     token_repeats: int = 5
     envoy_concurrency: int = ENVOY_CONCURRENCY
     idle_wait_s: float = 60.0
+    rule_loops: int = 20_000  # RuleTable.evaluate calls per timed repeat
+    rule_decision_loops: int = 2_000  # Gateway.on_request_body calls per timed repeat
+    rule_repeats: int = 7
 
     @classmethod
     def quick(cls) -> Settings:
@@ -117,6 +122,9 @@ class Settings:
             memory_chunks=2_000,
             idle_wait_s=20.0,
             token_repeats=3,
+            rule_loops=5_000,
+            rule_decision_loops=500,
+            rule_repeats=5,
         )
 
 
@@ -1162,6 +1170,262 @@ def measure_in_process(settings: Settings, policy_path: Path, batch: int = 2000,
     return InProcess(statistics.median(timed), timed)
 
 
+# --- 6b. routing rules --------------------------------------------------------------------
+
+# A 20-rule playbook over the example policy's tenants, models and backends: refusals first, then
+# tenant and tier overrides, then the general routes. Five rules are the example's own (same names,
+# same matches). The benchmark request (tenant demo, chat, one short message) matches none of them:
+# every rule is checked, and five survive its discrete facts and fail only on their ranges.
+ROUTING_BENCH_RULES: tuple[dict[str, Any], ...] = (
+    {
+        "name": "prompt-too-long",
+        "match": {"prompt_tokens": {"min": 6001}},
+        "reject": {"status": 400, "code": "prompt_too_long", "message": "Prompts over 6,000 tokens are refused."},
+    },
+    {
+        "name": "too-many-messages",
+        "match": {"messages": {"min": 201}},
+        "reject": {"status": 400, "code": "too_many_messages", "message": "At most 200 messages per request."},
+    },
+    {
+        "name": "tiny-no-tools",
+        "match": {"tenants": ["tiny"], "tools": True},
+        "reject": {"status": 403, "code": "tools_not_in_plan", "message": "Tool calls are not part of your plan."},
+    },
+    {
+        "name": "tiny-no-high-quality",
+        "match": {"tenants": ["tiny"], "quality": ["high"]},
+        "reject": {"status": 403, "code": "quality_not_in_plan", "message": "x-llm-quality: high is not in your plan."},
+    },
+    {
+        "name": "free-long-prompts",
+        "match": {"tiers": ["free"], "prompt_tokens": {"min": 2001}},
+        "reject": {
+            "status": 400,
+            "code": "prompt_too_long_for_plan",
+            "message": "Free plans send at most 2,000 tokens.",
+        },
+    },
+    {
+        "name": "internal-tools",
+        "match": {"tiers": ["internal-tools"], "endpoints": ["chat", "completions"]},
+        "backend": "fast-8b",
+    },
+    {
+        "name": "tools-json",
+        "match": {"tools": True, "json_mode": True, "endpoints": ["chat"]},
+        "backend": "strict-json-model",
+    },
+    {
+        "name": "high-quality-json",
+        "match": {"quality": ["high"], "json_mode": True, "endpoints": ["chat", "completions"]},
+        "backend": "large-reasoning-model",
+    },
+    {"name": "json-mode", "match": {"json_mode": True}, "backend": "strict-json-model"},
+    {
+        "name": "high-quality",
+        "match": {"quality": ["high"], "endpoints": ["chat", "completions"]},
+        "backend": "large-reasoning-model",
+    },
+    {
+        "name": "batch-72b-stays",
+        "match": {"classes": ["batch"], "models": ["qwen-2.5-72b"]},
+        "backend": "large-reasoning-model",
+    },
+    {"name": "batch", "match": {"classes": ["batch"], "endpoints": ["chat", "completions"]}, "backend": "batch-pool"},
+    {
+        "name": "experimental-long-to-batch",
+        "match": {"classes": ["experimental"], "endpoints": ["chat", "completions"], "prompt_tokens": {"min": 1001}},
+        "backend": "batch-pool",
+    },
+    {
+        "name": "qwen-long-conversations",
+        "match": {"models": ["qwen-2.5-72b"], "messages": {"min": 101}},
+        "reject": {"status": 400, "code": "too_many_messages", "message": "At most 100 messages for this model."},
+    },
+    {"name": "openai-tools", "match": {"models": ["gpt-4o-mini"], "tools": True}, "backend": "strict-json-model"},
+    {
+        "name": "demo-long-prompts",
+        "match": {"tenants": ["demo"], "endpoints": ["chat", "completions"], "prompt_tokens": {"min": 4001}},
+        "backend": "large-reasoning-model",
+    },
+    {
+        "name": "long-conversations",
+        "match": {"endpoints": ["chat"], "messages": {"min": 30}},
+        "backend": "large-reasoning-model",
+    },
+    {"name": "legacy-completions", "match": {"endpoints": ["completions"], "models": ["llama3"]}, "backend": "fast-8b"},
+    {
+        "name": "standard-mid-prompts",
+        "match": {
+            "tiers": ["standard"],
+            "endpoints": ["chat", "completions"],
+            "prompt_tokens": {"min": 2001, "max": 6000},
+            "messages": {"max": 29},
+        },
+        "backend": "large-reasoning-model",
+    },
+    {
+        "name": "free-short-chat",
+        "match": {
+            "tiers": ["free"],
+            "classes": ["experimental"],
+            "endpoints": ["chat"],
+            "models": ["llama-3.1-8b"],
+            "json_mode": False,
+            "tools": False,
+            "prompt_tokens": {"max": 1000},
+            "messages": {"max": 8},
+        },
+        "backend": "fast-8b",
+    },
+)
+ROUTING_BENCH_TENANT = "demo"  # the tenant the benchmark key is added to, in both policies of the decision row
+
+
+def _example_raw_with_key() -> dict[str, Any]:
+    """The example policy as a dict, with the benchmark key added to its `demo` tenant."""
+    raw: dict[str, Any] = yaml.safe_load(example_policy_path().read_text())
+    tenant = (raw.get("tenants") or {}).get(ROUTING_BENCH_TENANT)
+    if tenant is None:
+        raise RuntimeError(f"the example policy has no tenant {ROUTING_BENCH_TENANT!r}: the rules benchmark needs it")
+    tenant.setdefault("keys", []).append({"name": "bench-key", "sha256": hashlib.sha256(API_KEY.encode()).hexdigest()})
+    return raw
+
+
+def routing_rules_policy() -> Policy:
+    """The example policy (plus the benchmark key) with its rules replaced by the 20 of ROUTING_BENCH_RULES."""
+    raw = _example_raw_with_key()
+    raw.setdefault("routing", {})["rules"] = [dict(rule) for rule in ROUTING_BENCH_RULES]
+    return parse_policy(raw, "the benchmark's 20-rule policy")
+
+
+@dataclass(frozen=True)
+class RuleCase:
+    """One request shape, timed on `RuleTable.evaluate` alone."""
+
+    label: str
+    rule: str  # the rule it took, or "default"
+    candidates: int  # rules left after its discrete facts (what a memo hit still checks)
+    hit_us: float  # the memo holds its discrete facts: the steady state
+    cleared_us: float  # the memo is cleared before each call: all rules are checked again
+
+
+@dataclass
+class RoutingCost:
+    rules: int
+    cases: list[RuleCase]
+    decision_us: float  # Gateway.on_request_body, the small chat body, the 20-rule policy
+    decision_rule: str
+    base_decision_us: float  # the same with the example policy
+    base_rules: int
+    body_bytes: int
+    loops: int
+    decision_loops: int
+    repeats: int
+
+    @property
+    def worst_hit_us(self) -> float:
+        return max((c.hit_us for c in self.cases), default=math.nan)
+
+    @property
+    def worst_cleared_us(self) -> float:
+        return max((c.cleared_us for c in self.cases), default=math.nan)
+
+
+def _median_us(fn: Callable[[], object], loops: int, repeats: int) -> float:
+    """timeit-style: `repeats` timed loops of `loops` calls (GC off), the median per call in µs."""
+    fn()  # warm
+    totals = timeit.Timer(fn).repeat(repeat=repeats, number=loops)
+    return statistics.median(totals) / loops * 1e6
+
+
+def measure_routing(settings: Settings) -> RoutingCost:
+    """What routing rules cost per request: `RuleTable.evaluate` on the 20-rule policy for a request
+    matching no rule and one matching the last, with the memo hit and cleared; and the whole
+    `Gateway.on_request_body` for the small chat body with the 20-rule policy vs the example's."""
+    from extproc.core import Gateway, NeedBody
+    from extproc.routing import RequestFacts, RuleTable
+
+    policy = routing_rules_policy()
+    table = RuleTable(policy)
+    cases = (
+        (
+            "chat, tenant demo (standard, interactive), 1 message, 20 tokens: no rule matches",
+            RequestFacts(
+                ROUTING_BENCH_TENANT,
+                "standard",
+                "interactive",
+                "chat",
+                BENCH_MODEL,
+                BENCH_MODEL,
+                False,
+                False,
+                None,
+                20,
+                1,
+            ),
+        ),
+        (
+            "chat, tenant tiny (free, experimental), alias `llama3`, 3 messages, 500 tokens: the last rule",
+            RequestFacts("tiny", "free", "experimental", "chat", "llama3", BENCH_MODEL, False, False, None, 500, 3),
+        ),
+    )
+    own_backend = next(m.backend for m in policy.models if m.name == BENCH_MODEL)
+    rows = []
+    for label, facts in cases:
+        action = table.evaluate(facts, own_backend)
+        evaluate = functools.partial(table.evaluate, facts, own_backend)
+        hit = _median_us(evaluate, settings.rule_loops, settings.rule_repeats)
+        candidates = len(table._memo[facts.discrete()])
+        clear = table._memo.clear
+
+        def cleared(evaluate: Callable[[], object] = evaluate, clear: Callable[[], None] = clear) -> None:
+            clear()
+            evaluate()
+
+        cold = _median_us(cleared, settings.rule_loops, settings.rule_repeats)
+        rows.append(RuleCase(label, action.rule, candidates, hit, cold))
+
+    raw = chat_body(settings.max_tokens)
+    head = {":method": "POST", ":path": CHAT_PATH, **HEADERS, "content-length": str(len(raw))}
+    base = parse_policy(_example_raw_with_key(), "the example policy")
+
+    def decision(p: Policy) -> tuple[float, str]:
+        gateway = Gateway.from_policy(p)
+        need = gateway.on_request_headers(head)
+        if not isinstance(need, NeedBody):
+            raise RuntimeError(f"the rules benchmark request was not admitted: {need!r}")
+        decide = functools.partial(gateway.on_request_body, need, raw)
+        rule = decide().rule
+        return _median_us(decide, settings.rule_decision_loops, settings.rule_repeats), rule
+
+    decision_us, decision_rule = decision(policy)
+    base_us, _ = decision(base)
+    return RoutingCost(
+        rules=len(policy.routing.rules),
+        cases=rows,
+        decision_us=decision_us,
+        decision_rule=decision_rule,
+        base_decision_us=base_us,
+        base_rules=len(base.routing.rules),
+        body_bytes=len(raw),
+        loops=settings.rule_loops,
+        decision_loops=settings.rule_decision_loops,
+        repeats=settings.rule_repeats,
+    )
+
+
+def routing_summary(cost: RoutingCost) -> str:
+    """One line for the console."""
+    return (
+        f"routing rules ({cost.rules}): evaluate {cost.worst_hit_us:.2f} µs memo hit, "
+        f"{cost.worst_cleared_us:.2f} µs memo cleared (target ≤ {TARGET_RULE_EVAL_US:g} µs); "
+        f"on_request_body {cost.decision_us:.1f} µs vs {cost.base_decision_us:.1f} µs with the example's "
+        f"{cost.base_rules} rules"
+    )
+
+
 # --- 7. optional profile ---------------------------------------------------------------------
 
 
@@ -1270,6 +1534,7 @@ class Report:
     memory: MemoryResult | None = None
     tokens: list[TokenRow] = field(default_factory=list)
     in_process: InProcess | None = None
+    routing: RoutingCost | None = None
     profile: list[tuple[str, float, float]] = field(default_factory=list)
     seconds: float = 0.0
     policy_source: str = "the example policy"
@@ -1298,6 +1563,9 @@ def run(settings: Settings, *, profile: bool, work_dir: Path, base_policy: Path 
         )
     log("in-process cost of one gateway request")
     report.in_process = measure_in_process(settings, policy)
+    log("routing rules: evaluation cost of a 20-rule policy")
+    report.routing = measure_routing(settings)
+    log(routing_summary(report.routing))
     calibrated = dataclasses.replace(NULL_CALIBRATED, null_busy_us=round(report.in_process.microseconds, 1))
     from extproc.null_processor import dump_replies
 
@@ -1644,6 +1912,8 @@ def render(report: Report, command: str) -> str:
             )
         lines.append("")
 
+    lines += _routing_lines(report)
+
     lines += ["## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
     for name, measured, ok in targets(report):
         lines.append(f"| {name} | {measured} | {_verdict(ok) if ok is not None else 'n/a'} |")
@@ -1667,6 +1937,45 @@ def render(report: Report, command: str) -> str:
     if report.notes:
         lines += ["## Notes", "", *[f"- {note}" for note in report.notes], ""]
     return "\n".join(lines)
+
+
+def _routing_lines(report: Report) -> list[str]:
+    cost = report.routing
+    if cost is None:
+        return []
+    lines = [
+        "## Routing rules (in process, no load)",
+        "",
+        f"`RuleTable.evaluate` on a {cost.rules}-rule policy (the example policy with its rules replaced by "
+        f"`extproc.bench.ROUTING_BENCH_RULES`: refusals, tenant and tier overrides, then general routes; matchers on "
+        "tenants, tiers, classes, endpoints, models and aliases, JSON mode, tools, quality, prompt-token and "
+        f"message ranges). Median of {cost.repeats} timeit loops of {cost.loops:,} calls each, GC off. *Memo hit*: "
+        "the request's discrete facts were seen before, so only the ranges of the rules left are checked (the "
+        "steady state). *Memo cleared*: `table._memo.clear()` before each call (included in the figure), so every "
+        "rule is checked again (the worst case: discrete facts never seen).",
+        "",
+        f"| request | rule taken | rules left after the discrete facts | memo hit µs | memo cleared µs | "
+        f"≤ {TARGET_RULE_EVAL_US:g} µs (hit / cleared) |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for case in cost.cases:
+        verdicts = " / ".join(_verdict(us <= TARGET_RULE_EVAL_US) for us in (case.hit_us, case.cleared_us))
+        lines.append(
+            f"| {case.label} | `{case.rule}` | {case.candidates} | {_f(case.hit_us)} | {_f(case.cleared_us)} | "
+            f"{verdicts} |"
+        )
+    extra = cost.decision_us - cost.base_decision_us
+    share = 100 * cost.cases[0].hit_us / cost.decision_us if cost.cases and cost.decision_us else math.nan
+    lines += [
+        "",
+        f"The whole `Gateway.on_request_body` for the benchmark's small chat body ({cost.body_bytes} bytes, tenant "
+        f"{ROUTING_BENCH_TENANT}, rule taken `{cost.decision_rule}`; median of {cost.repeats} loops of "
+        f"{cost.decision_loops:,}): **{_f(cost.decision_us, 1)} µs** with the {cost.rules}-rule policy, "
+        f"**{_f(cost.base_decision_us, 1)} µs** with the example policy ({cost.base_rules} rules): "
+        f"{_f(extra, 1)} µs apart; rule evaluation (memo hit) is {_f(share, 0)}% of the decision.",
+        "",
+    ]
+    return lines
 
 
 def _calibration_lines(report: Report) -> list[str]:
@@ -1759,6 +2068,11 @@ def targets(report: Report) -> list[tuple[str, str, bool | None]]:
         growth = report.memory.peak_mib - report.memory.start_mib
         name = f"memory flat over {report.memory.events:,} chunks (peak - start ≤ {TARGET_MEMORY_GROWTH_MIB:g} MiB)"
         out.append((name, f"{growth:+.2f} MiB", growth <= TARGET_MEMORY_GROWTH_MIB))
+    if report.routing is not None:
+        cost = report.routing
+        for what, us in (("memo hit", cost.worst_hit_us), ("memo cleared, worst case", cost.worst_cleared_us)):
+            name = f"routing rules: evaluate ≤ {TARGET_RULE_EVAL_US:g} µs/request, {cost.rules} rules ({what})"
+            out.append((name, f"{us:.2f} µs", us <= TARGET_RULE_EVAL_US))
     for key, name in (
         ("C-2w", f"2 workers ≥ {TARGET_WORKER_SCALING}x 1 worker, where cores allow"),
         ("C-2r", f"(same bar, 2 replicas balanced by Envoy) ≥ {TARGET_WORKER_SCALING}x 1 worker"),

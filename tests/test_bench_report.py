@@ -80,3 +80,39 @@ def test_recorded_replies_carry_the_gateway_decisions(tmp_path: Path) -> None:
     dump_replies(swapped, path)
     with pytest.raises(ValueError, match="answers another message"):
         load_replies(path)
+
+
+def routing_cost(cleared_us: float) -> bench.RoutingCost:
+    cases = [
+        bench.RuleCase("no rule matches", "default", 5, 0.6, 2.5),
+        bench.RuleCase("the last rule", "free-short-chat", 6, 0.35, cleared_us),
+    ]
+    return bench.RoutingCost(20, cases, 10.8, "default", 10.5, 5, 130, 20_000, 2_000, 7)
+
+
+def test_report_renders_the_routing_rules_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "machine_description", lambda: [])
+    monkeypatch.setattr(bench, "source_revision", lambda: "git test")
+    report = Report(Settings())
+    assert "## Routing rules" not in bench.render(report, "extproc bench")
+    assert not [t for t in targets(report) if t[0].startswith("routing rules")]
+
+    report.routing = routing_cost(cleared_us=6.0)
+    text = bench.render(report, "extproc bench")
+    assert text.index("## Routing rules") < text.index("## Targets")
+    assert "| no rule matches | `default` | 5 | 0.60 | 2.50 | PASS / PASS |" in text
+    assert "| the last rule | `free-short-chat` | 6 | 0.35 | 6.00 | PASS / FAIL |" in text
+    assert "**10.8 µs** with the 20-rule policy, **10.5 µs** with the example policy (5 rules)" in text
+    assert "| routing rules: evaluate ≤ 5 µs/request, 20 rules (memo hit) | 0.60 µs | PASS |" in text
+    assert "| routing rules: evaluate ≤ 5 µs/request, 20 rules (memo cleared, worst case) | 6.00 µs | FAIL |" in text
+
+
+def test_rules_benchmark_requests_take_the_rules_it_says() -> None:
+    from extproc.routing import shadowed_rules
+
+    policy = bench.routing_rules_policy()
+    assert len(policy.routing.rules) == 20 and not shadowed_rules(policy)
+    cost = bench.measure_routing(Settings(rule_loops=10, rule_decision_loops=10, rule_repeats=1))
+    assert [(c.rule, c.candidates) for c in cost.cases] == [("default", 5), ("free-short-chat", 6)]
+    assert cost.rules == 20 and cost.decision_rule == "default"
+    assert all(c.hit_us > 0 and c.cleared_us > 0 for c in cost.cases) and cost.decision_us > 0
