@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -40,6 +41,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.redis_url or None,
         args.metrics_port or None,
         policy_path=args.policy,
+        reload_interval_s=args.reload_interval,
         load_urls={name: tuple(urls) for name, urls in load_urls.items()},
     )
     return serve(options)
@@ -52,15 +54,47 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     try:
-        from extproc.core import Gateway
+        from extproc.dry_run import rule_problems
 
-        Gateway.from_policy(policy)  # loads every tokenizer the policy names
+        problems = rule_problems(policy)  # compiles it: loads every tokenizer and key file it names
     except ValueError as exc:
         print(f"{args.file}: {exc}", file=sys.stderr)
         return 1
+    for problem in problems:
+        print(f"{args.file}: warning: {problem}", file=sys.stderr)
     names = sum(1 + len(m.aliases) for m in policy.models)
-    print(f"{args.file}: ok ({len(policy.models)} models, {names} public names, {len(policy.backends)} backends)")
+    print(
+        f"{args.file}: ok ({len(policy.models)} models, {names} public names, {len(policy.backends)} backends, "
+        f"{len(policy.routing.rules)} rules{f', {len(problems)} warnings' if problems else ''})"
+    )
     return 0
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    from extproc.dry_run import parse_header, parse_load, route
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        headers = dict(parse_header(h) for h in args.header)
+        loads = dict(parse_load(spec) for spec in args.load)
+        request = sys.stdin.buffer.read() if args.request == "-" else Path(args.request).read_bytes()
+    except (ValueError, OSError) as exc:
+        print(f"extproc route: {exc}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(loads) - set(policy.backends))
+    if unknown:
+        print(f"extproc route: --load names unknown backends: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    result = route(policy, request, headers, loads, args.endpoint)
+    if args.json:
+        print(json.dumps(result.decision, indent=2))
+    else:
+        print(result.text())
+    return 0 if result.status == 200 else 1
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -167,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prometheus /metrics port; worker i uses port+i (0: off) ($EXTPROC_METRICS_PORT)",
     )
     serve.add_argument(
+        "--reload-interval",
+        type=float,
+        default=float(_env("EXTPROC_RELOAD_INTERVAL_SECONDS", "1")),
+        help="seconds between checks of the policy and key files for changes; 0: only on SIGHUP",
+    )
+    serve.add_argument(
         "--load-url",
         action="append",
         default=[],
@@ -180,6 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     check = policy_sub.add_parser("check", help="validate a policy file without starting")
     check.add_argument("file")
     check.set_defaults(func=_cmd_policy_check)
+
+    route = sub.add_parser(
+        "route",
+        help="dry run: what the gateway would do with a request",
+        description="Print the routing decision for REQUEST.json (or - for stdin): tenant, class, prompt "
+        "tokens, caps, normalizations, the rule matched, fallbacks considered, the backend and the model "
+        "name sent upstream; or the error the client would get (exit 1).",
+    )
+    route.add_argument("request", help="the request body (JSON file, or - for stdin)")
+    route.add_argument("--policy", default=str(example_policy_path()))
+    route.add_argument("--endpoint", choices=["chat", "completions", "embeddings"], default="chat")
+    route.add_argument("--header", action="append", default=[], metavar="'K: V'", help="a request header")
+    route.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="BACKEND:waiting=N,kv=F",
+        help="a backend's load figures (queue per pod, KV-cache use; also pods=P, drain=R/s); others unknown",
+    )
+    route.add_argument("--json", action="store_true", help="print the decision as JSON")
+    route.set_defaults(func=_cmd_route)
 
     dev = sub.add_parser("dev", help="run the local stack: Envoy + extproc + fake vLLMs")
     dev.add_argument("--policy", default=str(example_policy_path()))

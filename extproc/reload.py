@@ -110,7 +110,8 @@ class PolicyWatcher:
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                # No interval: changes are picked up only when asked (SIGHUP).
+                await asyncio.wait_for(self._wake.wait(), self.interval_s if self.interval_s > 0 else None)
             self._wake.clear()
             try:
                 await self.check()

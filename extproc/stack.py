@@ -172,6 +172,7 @@ class LocalStack:
     null_replay: Path | None = None  # extproc="null" only: recorded gateway replies to send (null_processor)
     # See EnvoySetup. None: 4 when workers > 1, so the kernel has connections to spread over them.
     extproc_streams_per_connection: int | None = None
+    serve_args: tuple[str, ...] = ()  # extra `extproc serve` flags
     work_dir: Path | None = None
     keep_logs: bool = False  # a temporary work_dir is removed on stop unless asked to keep it
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -248,7 +249,7 @@ class LocalStack:
                 )
                 if self.redis_url:
                     argv += ["--redis-url", self.redis_url]
-                argv += load_urls
+                argv += [*load_urls, *self.serve_args]
             name = "extproc" if replica == 0 else f"extproc-{replica + 1}"
             waits.append((self._add(name, argv), port))
         config = self.work_dir / "envoy.yaml"
