@@ -108,6 +108,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             token_delay_ms=args.token_delay_ms,
             redis_url=args.redis_url or None,
             keep_logs=True,
+            upstream_base_port=args.port + 1,
         )
     except PolicyError as exc:
         print(exc, file=sys.stderr)
@@ -134,6 +135,7 @@ extproc dev is running.
   base URL : {stack.base_url}
   policy   : {args.policy}
   backends : {", ".join(f"{u.name}=127.0.0.1:{u.port}" for u in stack.upstreams)}
+             (each a fake vLLM: steer its load with PUT http://127.0.0.1:PORT/fake/state)
   logs     : {stack.work_dir}
   quotas   : {stack.redis_url or "in-memory (pass --redis-url to share them)"}
 

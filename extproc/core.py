@@ -287,6 +287,7 @@ class Gateway:
             translator.requested_completion(body),
             loads,
             self.load_policy,
+            translator.generates,
         )
         target = choice.target
         if target is not routed:

@@ -275,9 +275,10 @@ class Saturation(_Strict):
 class ShedAt(_Strict):
     """The saturation level (1.0 = at a threshold) at which each class is shed when no fallback can help."""
 
-    experimental: float = Field(default=1.0, gt=0)
-    batch: float = Field(default=1.0, gt=0)
-    interactive: float = Field(default=2.0, gt=0)
+    # Below 1.0 would mean shedding from a backend that is not saturated (it is never looked at then).
+    experimental: float = Field(default=1.0, ge=1.0)
+    batch: float = Field(default=1.0, ge=1.0)
+    interactive: float = Field(default=2.0, ge=1.0)
 
 
 class LoadPolicy(_Strict):

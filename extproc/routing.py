@@ -180,9 +180,11 @@ def shadowed_rules(policy: Policy) -> list[str]:
     """Rules that can never match because an earlier rule matches everything they would."""
     problems: list[str] = []
     rules = policy.routing.rules
+    # A rule naming a model's canonical name matches its aliases too.
+    aliases = {model.name: set(model.aliases) for model in policy.models}
     for i, later in enumerate(rules):
         for earlier in rules[:i]:
-            if _covers(earlier, later):
+            if _covers(earlier, later, aliases):
                 problems.append(
                     f"routing.rules[{later.name}] is shadowed by routing.rules[{earlier.name}]: "
                     "every request it matches is matched first by the earlier rule"
@@ -191,12 +193,17 @@ def shadowed_rules(policy: Policy) -> list[str]:
     return problems
 
 
-def _covers(earlier: RulePolicy, later: RulePolicy) -> bool:
+def _covers(earlier: RulePolicy, later: RulePolicy, aliases: dict[str, set[str]]) -> bool:
     """True when every request `later` matches is also matched by `earlier`."""
     a, b = earlier.match, later.match
     for field in ("tenants", "tiers", "classes", "endpoints", "models", "quality"):
         wide, narrow = getattr(a, field), getattr(b, field)
-        if wide is not None and (narrow is None or not set(narrow) <= set(wide)):
+        if wide is None:
+            continue
+        covered = set(wide)
+        if field == "models":
+            covered |= {alias for name in wide for alias in aliases.get(name, ())}
+        if narrow is None or not set(narrow) <= covered:
             return False
     for field in ("json_mode", "tools"):
         wide, narrow = getattr(a, field), getattr(b, field)

@@ -60,14 +60,24 @@ def _effective_level(load: BackendLoad | None, policy: LoadPolicy) -> tuple[floa
 
 
 def holds(
-    target: Target, endpoint: str, longest_prompt: int, total_prompt: int, requested_completion: int | None
+    target: Target,
+    endpoint: str,
+    longest_prompt: int,
+    total_prompt: int,
+    requested_completion: int | None,
+    generates: bool = True,
 ) -> str | None:
     """Why this target cannot take the request, or None when it can (a default completion shrinks to fit)."""
     if endpoint not in target.endpoints:
         return f"does not serve {endpoint}"
     if total_prompt > target.prompt_cap:
         return f"prompt {total_prompt} > its cap {target.prompt_cap}"
-    completion = 1 if requested_completion is None else min(requested_completion, target.completion_cap)
+    if not generates:
+        completion = 0
+    elif requested_completion is None:
+        completion = 1
+    else:
+        completion = min(requested_completion, target.completion_cap)
     if longest_prompt + completion > target.max_model_len:
         return f"prompt {longest_prompt} + completion {completion} > its window {target.max_model_len}"
     return None
@@ -83,6 +93,7 @@ def choose(
     requested_completion: int | None,
     loads: Mapping[str, BackendLoad],
     policy: LoadPolicy,
+    generates: bool = True,
 ) -> Choice:
     """The primary unless it is saturated; then the first fallback that is not and can hold the prompt.
 
@@ -96,7 +107,7 @@ def choose(
     considered = [Considered(primary, "saturated: " + why)]
     for name in target.fallbacks:
         fallback = model.targets[name]
-        problem = holds(fallback, endpoint, longest_prompt, total_prompt, requested_completion)
+        problem = holds(fallback, endpoint, longest_prompt, total_prompt, requested_completion, generates)
         if problem is not None:
             considered.append(Considered(name, "cannot take it: " + problem))
             continue

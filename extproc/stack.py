@@ -173,6 +173,9 @@ class LocalStack:
     # See EnvoySetup. None: 4 when workers > 1, so the kernel has connections to spread over them.
     extproc_streams_per_connection: int | None = None
     serve_args: tuple[str, ...] = ()  # extra `extproc serve` flags
+    # The fake vLLMs' ports: consecutive from here in the policy's backend order (`extproc dev`, so
+    # the README can name them); None: free ports.
+    upstream_base_port: int | None = None
     work_dir: Path | None = None
     keep_logs: bool = False  # a temporary work_dir is removed on stop unless asked to keep it
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -215,9 +218,9 @@ class LocalStack:
         assert self.work_dir is not None and self.extproc_port is not None and self.admin_port is not None
         waits: list[tuple[ManagedProcess, str | int]] = []
         load_urls: list[str] = []
-        for backend in self.policy.backends:
+        for index, backend in enumerate(self.policy.backends):
             subset = self.policy.subset(backend)
-            port = free_port()
+            port = free_port() if self.upstream_base_port is None else self.upstream_base_port + index
             self.upstreams.append(Upstream(subset, port))
             load_urls += ["--load-url", f"{backend}=http://127.0.0.1:{port}/metrics"]
             argv = self._python("fake-vllm", "--port", str(port), "--name", subset)

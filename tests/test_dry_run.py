@@ -88,7 +88,7 @@ def test_policy_check_reports_rule_problems(tmp_path: Path) -> None:
 
     raw = yaml.safe_load(example_policy_path().read_text())
     raw["routing"]["rules"].append(
-        {"name": "late-json", "match": {"json_mode": True, "tools": True}, "backend": "fast-8b"}
+        {"name": "late-json", "match": {"json_mode": True, "tools": True, "endpoints": ["chat"]}, "backend": "fast-8b"}
     )
     shadowed = tmp_path / "shadowed.yaml"
     shadowed.write_text(yaml.safe_dump(raw))
