@@ -18,11 +18,14 @@ def _env(name: str, default: str) -> str:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.reload import fingerprint
     from extproc.server import ServeOptions, configure_logging, serve
 
     configure_logging(args.log_level)
     try:
+        seen = fingerprint([args.policy])  # before reading: a change made meanwhile is caught later
         policy = load_policy(args.policy)
+        seen = seen + fingerprint(policy.auth.key_files)
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -42,6 +45,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.metrics_port or None,
         policy_path=args.policy,
         reload_interval_s=args.reload_interval,
+        policy_fingerprint=seen,
         load_urls={name: tuple(urls) for name, urls in load_urls.items()},
     )
     return serve(options)

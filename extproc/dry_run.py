@@ -141,8 +141,21 @@ def _admitted(gateway: Gateway, admission: Admission) -> dict[str, Any]:
 
 
 def rule_problems(policy: Policy) -> list[str]:
-    """What `policy check` reports beyond schema errors: shadowed rules, fallbacks too small."""
+    """What `policy check` reports beyond schema errors: shadowed rules, fallbacks too small, and
+    backends sent other models' traffic without saying what they serve."""
     problems = shadowed_rules(policy)
+    sent_elsewhere = {rule.backend for rule in policy.routing.rules if rule.backend is not None}
+    sent_elsewhere |= {f for backend in policy.backends.values() for f in backend.fallbacks}
+    if policy.routing.default is not None:
+        sent_elsewhere.add(policy.routing.default)
+    for name in sorted(sent_elsewhere):
+        spec = policy.backends[name]
+        missing = [key for key in ("served_name", "max_model_len") if getattr(spec, key) is None]
+        if missing:
+            problems.append(
+                f"backends[{name}] receives other models' traffic (a rule, routing.default or a fallback) but "
+                f"sets no {' or '.join(missing)}: the requesting model's values are used for it"
+            )
     gateway = Gateway.from_policy(policy)
     seen: set[int] = set()
     for model in gateway.models.values():

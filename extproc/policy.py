@@ -280,6 +280,12 @@ class ShedAt(_Strict):
     batch: float = Field(default=1.0, ge=1.0)
     interactive: float = Field(default=2.0, ge=1.0)
 
+    @model_validator(mode="after")
+    def _order(self) -> ShedAt:
+        if not self.experimental <= self.batch <= self.interactive:
+            raise ValueError("shed levels must keep the class order: experimental <= batch <= interactive")
+        return self
+
 
 class LoadPolicy(_Strict):
     scrape_interval_ms: PositiveInt = 500
@@ -332,6 +338,8 @@ class Policy(_Strict):
             ):
                 raise ValueError(f"models[{model.name}].default_max_tokens exceeds max_completion_tokens")
         for backend_name, backend in self.backends.items():
+            if not _NAME.match(backend_name):
+                raise ValueError(f"backends[{backend_name}]: a backend name is 1-63 letters, digits, '_', '.', '-'")
             for fallback in backend.fallbacks:
                 if fallback not in self.backends:
                     raise ValueError(f"backends[{backend_name}].fallbacks: {fallback!r} is not a key of `backends`")

@@ -367,7 +367,9 @@ class RequestStream:
             self.queue.release(self.slot)
             self.slot = None
         if self.admission is None:
-            return None
+            # Reserved, then failed before admission completed (an error of ours): give it all back.
+            reservation, self.reservation = self.reservation, None
+            return (reservation, 0, 0) if reservation is not None else None
         prompt, completion = self.final_usage()
         settlement = (self.reservation, prompt, completion) if self.reservation is not None else None
         model = self.admission.model.name

@@ -43,6 +43,14 @@ def restart_only_changes(old: Policy, new: Policy) -> list[str]:
             f"gateway.max_body_bytes: raising it ({old.gateway.max_body_bytes} -> {new.gateway.max_body_bytes}) "
             "needs a restart (the gRPC message limit is set at start); lowering it does not"
         )
+    if new.gateway.backend_header != old.gateway.backend_header:
+        # Envoy's routes match the old name: clients could set it while we no longer overwrite it.
+        problems.append("gateway.backend_header: Envoy's routes match on it; change both and restart")
+    if new.queue.max_wait_ms > old.queue.max_wait_ms:
+        problems.append(
+            f"queue.max_wait_ms: raising it ({old.queue.max_wait_ms} -> {new.queue.max_wait_ms}) needs Envoy's "
+            "ext_proc message_timeout raised first (it must outlast the wait); restart with both changed"
+        )
     if new.quotas.on_store_failure != old.quotas.on_store_failure:
         problems.append("quotas.on_store_failure: the quota store is built at start; restart to change it")
     return problems
@@ -79,13 +87,16 @@ class PolicyWatcher:
         apply: Callable[[CompiledPolicy], None],
         on_result: Callable[[ReloadResult], None] = lambda _result: None,
         interval_s: float = 1.0,
+        seen: Fingerprint | None = None,
     ) -> None:
         self.path = str(Path(path))
         self.current = current
         self.apply = apply
         self.on_result = on_result
         self.interval_s = interval_s
-        self._seen = fingerprint(self._paths(current))
+        # What the files were when `current` was read: a worker started (or restarted) later
+        # compares against that, so it catches a change made before it was born.
+        self._seen = seen if seen is not None else fingerprint(self._paths(current))
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0  # successful ones, for tests and logs
@@ -126,10 +137,10 @@ class PolicyWatcher:
         result = await asyncio.to_thread(compile_file, self.path, self.current)
         if result.ok:
             assert result.compiled is not None
+            self.apply(result.compiled)
             self.current = result.compiled.policy
             # The key files may be new ones: watch what the new policy names.
             self._seen = fingerprint(self._paths(self.current))
-            self.apply(result.compiled)
             self.reloads += 1
             log.info("policy reloaded from %s (sha256 %s)", self.path, result.compiled.digest[:12])
         else:

@@ -66,10 +66,13 @@ def holds(
     total_prompt: int,
     requested_completion: int | None,
     generates: bool = True,
+    rejects_over_cap: bool = False,
 ) -> str | None:
     """Why this target cannot take the request, or None when it can (a default completion shrinks to fit)."""
     if endpoint not in target.endpoints:
         return f"does not serve {endpoint}"
+    if rejects_over_cap and requested_completion is not None and requested_completion > target.completion_cap:
+        return f"max tokens {requested_completion} > its cap {target.completion_cap}"
     if total_prompt > target.prompt_cap:
         return f"prompt {total_prompt} > its cap {target.prompt_cap}"
     if not generates:
@@ -107,7 +110,15 @@ def choose(
     considered = [Considered(primary, "saturated: " + why)]
     for name in target.fallbacks:
         fallback = model.targets[name]
-        problem = holds(fallback, endpoint, longest_prompt, total_prompt, requested_completion, generates)
+        problem = holds(
+            fallback,
+            endpoint,
+            longest_prompt,
+            total_prompt,
+            requested_completion,
+            generates,
+            model.cap_action == "reject",
+        )
         if problem is not None:
             considered.append(Considered(name, "cannot take it: " + problem))
             continue

@@ -19,7 +19,7 @@ from extproc.inflight import InFlightCounter, LocalInFlight, SharedInFlight
 from extproc.load import BackendLoad, BackendTargets, LoadScraper
 from extproc.policy import Policy
 from extproc.quota.service import QuotaService
-from extproc.reload import PolicyWatcher
+from extproc.reload import Fingerprint, PolicyWatcher
 
 log = logging.getLogger("extproc.server")
 
@@ -39,6 +39,7 @@ class ServeOptions:
     load_urls: dict[str, tuple[str, ...]] = field(default_factory=dict)
     reload_interval_s: float = 1.0
     in_flight: InFlightCounter | None = None  # shared by the workers of a replica; set by the supervisor
+    policy_fingerprint: Fingerprint | None = None  # the files as they were when `policy` was read
 
 
 def load_targets(policy: Policy, extra_urls: dict[str, tuple[str, ...]]) -> dict[str, BackendTargets]:
@@ -139,7 +140,12 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     watcher: PolicyWatcher | None = None
     if options.policy_path is not None:
         watcher = PolicyWatcher(
-            options.policy_path, options.policy, apply, metrics.count_reload, options.reload_interval_s
+            options.policy_path,
+            options.policy,
+            apply,
+            metrics.count_reload,
+            options.reload_interval_s,
+            options.policy_fingerprint,
         )
         watcher.start()
         loop.add_signal_handler(signal.SIGHUP, watcher.request)
@@ -203,7 +209,8 @@ def _supervise(options: ServeOptions) -> int:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            # Ignored until the worker's own handler is installed: a reload must never kill it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 0
             try:
                 in_flight.bind_worker(index)

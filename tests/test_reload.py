@@ -173,3 +173,26 @@ def test_a_changed_key_file_reloads(tmp_path: Path) -> None:
 def _write(path: Path, policy: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(policy))
     return path
+
+
+def test_restart_only_keys_include_the_routing_header_and_a_longer_queue_wait(tmp_path: Path) -> None:
+    current = load_policy(_write(tmp_path / "a.yaml", _policy(None)))
+    renamed = load_policy(_write(tmp_path / "b.yaml", _policy(None) | {"gateway": {"backend_header": "x-route"}}))
+    assert any("gateway.backend_header" in p for p in restart_only_changes(current, renamed))
+    longer = load_policy(_write(tmp_path / "c.yaml", _policy(None) | {"queue": {"max_wait_ms": 5000}}))
+    assert any("queue.max_wait_ms" in p for p in restart_only_changes(current, longer))
+    shorter = load_policy(_write(tmp_path / "d.yaml", _policy(None) | {"queue": {"max_wait_ms": 10}}))
+    assert restart_only_changes(current, shorter) == []
+
+
+def test_a_worker_born_after_a_change_still_sees_it(tmp_path: Path) -> None:
+    from extproc.reload import fingerprint
+
+    path = _write(tmp_path / "policy.yaml", _policy(None))
+    seen_at_start = fingerprint([str(path)])  # what the supervisor saw when it read the policy
+    started_with = load_policy(path)
+    _swap_in(path, _policy("green"))  # changed before this (re)started worker began watching
+    applied: list[Any] = []
+    watcher = PolicyWatcher(str(path), started_with, applied.append, interval_s=0, seen=seen_at_start)
+    result = asyncio.run(watcher.check())
+    assert result is not None and result.ok and applied[0].policy.routing.default == "green"

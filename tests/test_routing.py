@@ -14,7 +14,7 @@ from extproc.core import Admission, Gateway, NeedBody
 from extproc.errors import GatewayError
 from extproc.identity import hash_key
 from extproc.load import BackendLoad
-from extproc.policy import LoadPolicy, Policy, example_policy_path, parse_policy
+from extproc.policy import LoadPolicy, Policy, PolicyError, example_policy_path, parse_policy
 from extproc.routing import shadowed_rules
 from extproc.saturation import retry_after_ms, saturation_level
 
@@ -871,11 +871,18 @@ def test_unknown_taken_as_saturated_still_takes_a_known_idle_fallback() -> None:
 
 
 def test_shed_levels_follow_the_policy() -> None:
-    gateway = playbook_with(load={"shed_at": {"experimental": 1.5, "batch": 3.0, "interactive": 1.0}})
+    gateway = playbook_with(load={"shed_at": {"experimental": 1.3, "batch": 2.5, "interactive": 3.0}})
     loads = {"default-8b": load(6), "fast-8b": SATURATED, "batch-pool": load(12)}  # 1.2; batch-pool 2.4
-    assert refuse(gateway, chat(), key="sk-demo", loads=loads).status == 503
-    assert admit(gateway, chat(), key="sk-tiny", loads=loads).target.backend == "default-8b"
+    assert admit(gateway, chat(), key="sk-demo", loads=loads).target.backend == "default-8b"
+    assert admit(gateway, chat(), key="sk-tiny", loads=loads).target.backend == "default-8b"  # 1.2 < 1.3
     assert admit(gateway, chat(), key="sk-demo", cls="batch", loads=loads).target.backend == "batch-pool"
+    loads["default-8b"] = load(7)  # 1.4
+    assert refuse(gateway, chat(), key="sk-tiny", loads=loads).status == 429
+
+
+def test_shed_levels_must_keep_the_class_order() -> None:
+    with pytest.raises(PolicyError, match="experimental <= batch <= interactive"):
+        playbook_with(load={"shed_at": {"experimental": 1.5, "batch": 3.0, "interactive": 1.0}})
 
 
 def test_saturation_thresholds_follow_the_policy() -> None:
@@ -985,3 +992,23 @@ def test_an_embeddings_input_that_fills_a_fallbacks_window_may_fall_back() -> No
     # As the fallback of a saturated primary, it should take it too.
     fallback = admit(gateway({}), body, path=EMBEDDINGS, loads={"emb": load(7)})
     assert fallback.target.backend == "emb-small", fallback.considered
+
+
+def test_a_fallback_that_would_refuse_the_requested_max_tokens_is_skipped() -> None:
+    policy = parse_policy(
+        {
+            "backends": {
+                "main": {"fallbacks": ["tight", "roomy"]},
+                "tight": {"max_completion_tokens": 256},
+                "roomy": {},
+            },
+            "models": [{"name": "m", "backend": "main", "max_model_len": 8192, "completion_cap": "reject"}],
+        }
+    )
+    gateway = Gateway.from_policy(policy)
+    verdict = gateway.on_request_headers({":path": "/v1/chat/completions", ":method": "POST"})
+    assert isinstance(verdict, NeedBody)
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500})
+    admission = gateway.on_request_body(verdict, body, {"main": load(6)})
+    assert admission.target.backend == "roomy"
+    assert "max tokens 500 > its cap 256" in admission.considered[1].verdict

@@ -75,3 +75,12 @@ def test_the_usual_sequence_walks_every_phase(gateway: Gateway) -> None:
     # A body message after the response was done gets a plain continue.
     body = pb.ProcessingRequest(response_body=pb.HttpBody(body=b"{}", end_of_stream=True))
     assert _parse(asyncio.run(stream.handle(body))).WhichOneof("response") == "response_body"
+
+
+def test_a_reservation_taken_before_an_internal_error_is_given_back(gateway: Gateway) -> None:
+    stream = RequestStream(gateway)
+    reservation = object()
+    stream.reservation = reservation  # type: ignore[assignment]
+    assert stream.admission is None
+    assert stream.finish() == (reservation, 0, 0)
+    assert stream.finish() is None  # given back once
