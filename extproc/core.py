@@ -243,11 +243,9 @@ class Gateway:
                 raise errors.model_not_allowed(requested_model)
         own = model.own
         if translator.endpoint not in own.endpoints:
-            raise errors.invalid_request(
+            raise errors.unsupported_endpoint(
                 f"Model `{requested_model}` does not serve the {translator.endpoint} endpoint "
-                f"(it serves: {', '.join(sorted(own.endpoints))}).",
-                "model",
-                code="unsupported_endpoint",
+                f"(it serves: {', '.join(sorted(own.endpoints))})."
             )
         translator.validate(body)
 
@@ -271,11 +269,9 @@ class Gateway:
             raise errors.rule_rejection(action.status, action.code, action.message)
         routed = model.targets[action.backend]
         if translator.endpoint not in routed.endpoints:
-            raise errors.invalid_request(
+            raise errors.unsupported_endpoint(
                 f"Model `{requested_model}` is routed to backend {action.backend} by rule {action.rule}, "
-                f"which does not serve the {translator.endpoint} endpoint.",
-                "model",
-                code="unsupported_endpoint",
+                f"which does not serve the {translator.endpoint} endpoint."
             )
         choice = choose(
             model,

@@ -53,6 +53,10 @@ def model_not_found(model: str) -> GatewayError:
     )
 
 
+def unsupported_endpoint(message: str) -> GatewayError:
+    return GatewayError(400, message, param="model", code="unsupported_endpoint")
+
+
 def model_not_allowed(model: str) -> GatewayError:
     return GatewayError(
         403,
