@@ -213,9 +213,7 @@ class Gateway:
 
     # --- request body --------------------------------------------------------------------
 
-    def on_request_body(
-        self, need: NeedBody, raw: bytes, loads: Mapping[str, BackendLoad] = _NO_LOAD
-    ) -> Admission:
+    def on_request_body(self, need: NeedBody, raw: bytes, loads: Mapping[str, BackendLoad] = _NO_LOAD) -> Admission:
         """Validate, count, route (rules, then load), cap and rewrite; raise the error a client should see.
 
         `loads` is the latest scraped figure per backend: an input, so the decision stays pure.
@@ -273,6 +271,7 @@ class Gateway:
                 f"Model `{requested_model}` is routed to backend {action.backend} by rule {action.rule}, "
                 f"which does not serve the {translator.endpoint} endpoint."
             )
+        requested = translator.requested_completion(body)
         choice = choose(
             model,
             action.backend,
@@ -280,7 +279,7 @@ class Gateway:
             need.traffic_class,
             cost.longest,
             cost.total,
-            translator.requested_completion(body),
+            requested,
             loads,
             self.load_policy,
             translator.generates,
@@ -300,7 +299,9 @@ class Gateway:
         changed = False
         completion = 0
         if translator.generates:
-            completion, changed = self._settle_completion_cap(translator, body, model, target, cost.longest, notes)
+            completion, changed = self._settle_completion_cap(
+                translator, body, requested, model, target, cost.longest, notes
+            )
         if cost.longest + completion > target.max_model_len:
             raise _context_exceeded(target.max_model_len, cost.longest, completion, prompt_field)
 
@@ -346,13 +347,13 @@ class Gateway:
         self,
         translator: Translator,
         body: dict[str, Any],
+        requested: int | None,
         model: CompiledModel,
         target: Target,
         longest: int,
         notes: list[str],
     ) -> tuple[int, bool]:
         """Return the completion cap that goes upstream and whether the body changed."""
-        requested = translator.requested_completion(body)
         if requested is None:
             # Shrink our own default to the room left; the client asked for nothing specific.
             completion = max(1, min(target.default_completion, target.max_model_len - longest))

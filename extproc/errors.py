@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from extproc import names
+
 
 class GatewayError(Exception):
     """A request the gateway refuses, with the status and body a client should see."""
@@ -93,6 +95,11 @@ def quota_store_unavailable() -> GatewayError:
         type="server_error",
         code="quota_store_unavailable",
     )
+
+
+def retry_headers(wait_ms: int) -> dict[str, str]:
+    """retry-after (whole seconds, at least 1) and retry-after-ms, as openai-python reads them."""
+    return {names.RETRY_AFTER: str(max(1, math.ceil(wait_ms / 1000))), names.RETRY_AFTER_MS: str(wait_ms)}
 
 
 def shed(

@@ -130,6 +130,11 @@ def _status_and_content_type(message: pb.HttpHeaders) -> tuple[int, str]:
     return status, content_type
 
 
+def _internal_error(message: str) -> pb.ProcessingResponse:
+    error = GatewayError(500, message, type="server_error", code="internal_error")
+    return immediate(Reply.from_error(error))
+
+
 class Phase(Enum):
     REQUEST_HEADERS = "request_headers"
     REQUEST_BODY = "request_body"
@@ -287,18 +292,10 @@ class RequestStream:
                 queue_policy.max_length,
             )
         except Shed as shed:
-            self._give_back_reservation()
+            # Not admitted: `finish` gives the reservation back whole, as after a client that left the queue.
             raise queue_shed_error(
-                admission.traffic_class, target.backend, shed.reason, max(queue_policy.max_wait_ms, 1000)
+                admission.traffic_class, target.backend, shed.reason, queue_policy.max_wait_ms
             ) from None
-        except asyncio.CancelledError:
-            self._give_back_reservation()  # the client went away while queued: it cost nothing
-            raise
-
-    def _give_back_reservation(self) -> None:
-        if self.reservation is not None and self.quotas is not None:
-            self.quotas.settle(self.reservation, 0, 0)
-        self.reservation = None
 
     def _on_response_headers(self, message: pb.HttpHeaders) -> Wire:
         assert self.admission is not None  # the phase is UPSTREAM only once admitted
@@ -327,13 +324,7 @@ class RequestStream:
         log.warning("ext_proc message %s arrived in phase %s", kind or "(empty)", self.phase.value)
         if kind in ("request_headers", "request_body") and self.admission is None:
             self.phase = Phase.DONE
-            error = GatewayError(
-                500,
-                "The gateway received the request out of order and refused it.",
-                type="server_error",
-                code="internal_error",
-            )
-            return immediate(Reply.from_error(error))
+            return _internal_error("The gateway received the request out of order and refused it.")
         # The request is already decided (or its response has begun): the response goes on unchanged.
         return _CONTINUE_BY_KIND.get(kind, _CONTINUE_RESPONSE_TRAILERS)
 
@@ -342,10 +333,7 @@ class RequestStream:
         kind = request.WhichOneof("request")
         if kind in ("request_headers", "request_body"):
             self.phase = Phase.DONE
-            error = GatewayError(
-                500, "The gateway failed to process the request.", type="server_error", code="internal_error"
-            )
-            return immediate(Reply.from_error(error))
+            return _internal_error("The gateway failed to process the request.")
         return _CONTINUE_BY_KIND.get(kind or "", _CONTINUE_RESPONSE_TRAILERS)
 
     def final_usage(self) -> tuple[int, int]:

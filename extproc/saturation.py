@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from extproc import errors, names
+from extproc import errors
 from extproc.compiled import CompiledModel, Target
 from extproc.errors import GatewayError
 from extproc.load import BackendLoad
@@ -21,10 +21,42 @@ _MIN_RETRY_MS = 1000
 _MAX_RETRY_MS = 60_000
 
 
-@dataclass(frozen=True, slots=True)
 class Considered:
-    backend: str
-    verdict: str  # "chosen", or why it was passed over
+    """One backend weighed for a request, and why it was taken or passed over.
+
+    The reason is text only a dry run or a log reads, so the common case (an unsaturated primary)
+    keeps the figures and formats them only when `verdict` is asked for.
+    """
+
+    __slots__ = ("_level", "_load", "_outcome", "_unknown_as", "backend")
+
+    def __init__(
+        self,
+        backend: str,
+        outcome: str,
+        load: BackendLoad | None = None,
+        level: float | None = None,
+        unknown_as: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self._outcome = outcome  # with no figures to describe (unknown_as None), the whole verdict
+        self._load = load
+        self._level = level
+        self._unknown_as = unknown_as
+
+    @property
+    def verdict(self) -> str:
+        if self._unknown_as is None:
+            return self._outcome
+        if self._level is None:
+            return f"{self._outcome}: figures unknown (taken as {self._unknown_as})"
+        load = self._load
+        assert load is not None and load.waiting_per_pod is not None
+        kv = f", kv {load.kv_cache:.2f}" if load.kv_cache is not None else ""
+        return f"{self._outcome}: queue {load.waiting_per_pod:g}/pod{kv}, level {self._level:.2f}"
+
+    def __repr__(self) -> str:
+        return f"Considered({self.backend!r}, {self.verdict!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,20 +75,14 @@ def saturation_level(load: BackendLoad | None, policy: LoadPolicy) -> float | No
     return level
 
 
-def _describe(load: BackendLoad | None, level: float | None) -> str:
-    if level is None:
-        return "figures unknown"
-    assert load is not None and load.waiting_per_pod is not None
-    kv = f", kv {load.kv_cache:.2f}" if load.kv_cache is not None else ""
-    return f"queue {load.waiting_per_pod:g}/pod{kv}, level {level:.2f}"
-
-
-def _effective_level(load: BackendLoad | None, policy: LoadPolicy) -> tuple[float, str]:
+def _weigh(
+    backend: str, outcome_if_below: str, load: BackendLoad | None, policy: LoadPolicy
+) -> tuple[float, Considered]:
+    """The level routing acts on (the policy says what unknown means) and the backend as weighed."""
     level = saturation_level(load, policy)
-    if level is None:
-        # The policy says what not knowing means: optimistic (route as usual) or saturated.
-        return (1.0 if policy.unknown == "saturated" else 0.0), "figures unknown (taken as " + policy.unknown + ")"
-    return level, _describe(load, level)
+    effective = level if level is not None else (1.0 if policy.unknown == "saturated" else 0.0)
+    outcome = outcome_if_below if effective < 1.0 else "saturated"
+    return effective, Considered(backend, outcome, load, level, policy.unknown)
 
 
 def holds(
@@ -104,10 +130,10 @@ def choose(
     with a retry hint; a higher class still goes to the primary (it queues there, as on any busy server).
     """
     target = model.targets[primary]
-    level, why = _effective_level(loads.get(primary), policy)
+    level, weighed = _weigh(primary, "chosen", loads.get(primary), policy)
     if level < 1.0:
-        return Choice(target, (Considered(primary, "chosen: " + why),))
-    considered = [Considered(primary, "saturated: " + why)]
+        return Choice(target, (weighed,))
+    considered = [weighed]
     for name in target.fallbacks:
         fallback = model.targets[name]
         problem = holds(
@@ -122,12 +148,10 @@ def choose(
         if problem is not None:
             considered.append(Considered(name, "cannot take it: " + problem))
             continue
-        fallback_level, fallback_why = _effective_level(loads.get(name), policy)
-        if fallback_level >= 1.0:
-            considered.append(Considered(name, "saturated: " + fallback_why))
-            continue
-        considered.append(Considered(name, "chosen: " + fallback_why))
-        return Choice(fallback, tuple(considered))
+        fallback_level, fallback_weighed = _weigh(name, "chosen", loads.get(name), policy)
+        considered.append(fallback_weighed)
+        if fallback_level < 1.0:
+            return Choice(fallback, tuple(considered))
     shed_at = getattr(policy.shed_at, traffic_class)
     if level >= shed_at:
         raise shed_error(traffic_class, primary, loads.get(primary), level)
@@ -143,16 +167,12 @@ def retry_after_ms(load: BackendLoad | None) -> int:
     return max(_MIN_RETRY_MS, min(_MAX_RETRY_MS, math.ceil(1000 * queued / load.drain_per_s)))
 
 
-def _retry_headers(wait_ms: int) -> dict[str, str]:
-    return {names.RETRY_AFTER: str(math.ceil(wait_ms / 1000)), names.RETRY_AFTER_MS: str(wait_ms)}
-
-
 def shed_error(traffic_class: str, backend: str, load: BackendLoad | None, level: float) -> GatewayError:
     """Lower classes get 429 (this is our priority policy at work); interactive gets 503 (we are overloaded)."""
     wait_ms = retry_after_ms(load)
-    return errors.shed(traffic_class, backend, wait_ms, _retry_headers(wait_ms))
+    return errors.shed(traffic_class, backend, wait_ms, errors.retry_headers(wait_ms))
 
 
 def queue_shed_error(traffic_class: str, backend: str, reason: str, wait_ms: int) -> GatewayError:
     wait_ms = max(_MIN_RETRY_MS, min(_MAX_RETRY_MS, wait_ms))
-    return errors.shed(traffic_class, backend, wait_ms, _retry_headers(wait_ms), reason=reason)
+    return errors.shed(traffic_class, backend, wait_ms, errors.retry_headers(wait_ms), reason=reason)

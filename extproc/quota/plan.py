@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Literal
 
 from extproc import names
-from extproc.errors import GatewayError
+from extproc.errors import GatewayError, retry_headers
 from extproc.identity import Identity
 from extproc.policy import LimitSpec, TokenCounts
 from extproc.quota.store import AdmitResult, LimitRule
@@ -274,8 +274,7 @@ def refusal(plan: QuotaPlan, result: AdmitResult) -> GatewayError:
             headers=headers,
         )
     wait_ms = reset_ms
-    headers[names.RETRY_AFTER] = str(max(1, math.ceil(wait_ms / 1000)))
-    headers[names.RETRY_AFTER_MS] = str(wait_ms)
+    headers.update(retry_headers(wait_ms))
     label = {
         "tokens": "tokens per min (TPM)",
         "requests": "requests per min (RPM)",
