@@ -140,6 +140,10 @@ class Config:
     redis: bool = False  # quotas in a private redis-server (the production store) instead of memory
     null_busy_us: float = 0.0  # null only: pure-Python microseconds burnt per request (set at run time)
     null_replay: Path | None = None  # null only: the gateway's recorded replies to send (set at run time)
+    # gateway only: run the gateway from this source tree (an older checkout) with this policy, so a
+    # change is compared with the code before it in the same run (`--baseline-src`)
+    source: Path | None = None
+    policy: Path | None = None
 
     @property
     def has_extproc(self) -> bool:
@@ -293,6 +297,7 @@ def _pid(stack: LocalStack, name: str) -> int:
 @contextlib.contextmanager
 def started(config: Config, settings: Settings, policy: Path, token_delay_ms: float = 0.0) -> Iterator[LocalStack]:
     """A running stack on free ports; always stopped, and its log directory removed unless it failed."""
+    policy = config.policy or policy
     if not config.tenants:
         policy = without_tenants(policy)
     with contextlib.ExitStack() as resources:
@@ -354,6 +359,7 @@ def _started_stack(
         redis_url=redis_url,
         null_busy_us=config.null_busy_us,
         null_replay=config.null_replay,
+        extproc_source=config.source,
     )
     with running(stack):
         yield stack
@@ -1114,7 +1120,7 @@ def record_gateway_replies(policy_path: Path, body: bytes) -> dict[str, bytes]:
     policy = load_policy(policy_path)
 
     async def record() -> dict[str, bytes]:
-        quotas = QuotaService(policy, MemoryStore()) if policy.tenants else None
+        quotas = QuotaService(MemoryStore()) if policy.tenants else None
         stream = RequestStream(Gateway.from_policy(policy), quotas)
         replies = {}
         for raw in _exchange_messages(body):
@@ -1142,7 +1148,7 @@ def measure_in_process(settings: Settings, policy_path: Path, batch: int = 2000,
 
     async def measure() -> list[float]:
         gateway = Gateway.from_policy(policy)
-        quotas = QuotaService(policy, MemoryStore()) if policy.tenants else None
+        quotas = QuotaService(MemoryStore()) if policy.tenants else None
 
         async def one() -> None:
             stream = RequestStream(gateway, quotas)
@@ -1542,7 +1548,27 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def run(settings: Settings, *, profile: bool, work_dir: Path, base_policy: Path | None = None) -> Report:
+def baseline_config(source: Path, work_dir: Path) -> Config:
+    """The gateway as another checkout has it (the code before a change), with that checkout's example policy."""
+    example = source / "extproc" / "examples" / "policy.yaml"
+    if not (source / "extproc" / "__main__.py").exists() or not example.exists():
+        raise RuntimeError(
+            f"--baseline-src {source}: not an extproc checkout (no extproc/__main__.py or example policy)"
+        )
+    policy_dir = work_dir / "baseline"
+    policy_dir.mkdir(exist_ok=True)
+    label = f"gateway, 1 worker, baseline code at {source}"
+    return Config("C-base", label, "gateway", source=source, policy=bench_policy(policy_dir, example))
+
+
+def run(
+    settings: Settings,
+    *,
+    profile: bool,
+    work_dir: Path,
+    base_policy: Path | None = None,
+    baseline_src: Path | None = None,
+) -> Report:
     report = Report(settings)
     policy = bench_policy(work_dir, base_policy)
     report.policy_source = f"`{base_policy}`" if base_policy else "the example policy"
@@ -1575,6 +1601,8 @@ def run(settings: Settings, *, profile: bool, work_dir: Path, base_policy: Path 
     configs: tuple[Config, ...] = (DIRECT, NULL, replay, calibrated, GATEWAY, GATEWAY_INFO, GATEWAY_2W, GATEWAY_2R)
     if load_policy(policy).tenants:
         configs += (GATEWAY_REDIS, GATEWAY_NO_TENANTS)
+    if baseline_src is not None:
+        configs += (baseline_config(baseline_src, work_dir),)
 
     # Every stack stays up while the others are measured, so rounds can alternate between
     # configurations: slow drifts of this shared machine then hit all of them alike.
@@ -1808,6 +1836,9 @@ def render(report: Report, command: str) -> str:
         ratios.append(("C-noq/B (gateway without tenants vs null)", paired_ratio(sat, "C-noq", "B")))
     if "C-redis" in sat:
         ratios.append(("C-redis/B (gateway, quotas in Redis, vs null)", paired_ratio(sat, "C-redis", "B")))
+    if "C-base" in sat:
+        ratios.append(("C-base/B (baseline code vs null)", paired_ratio(sat, "C-base", "B")))
+        ratios.append(("C/C-base (this code vs the baseline)", paired_ratio(sat, "C", "C-base")))
     ratios = [(name, value) for name, value in ratios if not math.isnan(value)]
     lines.append(
         "Ratios (median over rounds of the ratio within each round): "
@@ -2101,6 +2132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", type=Path, help=f"base policy instead of the example (must define {BENCH_MODEL!r})")
     parser.add_argument("--rounds", type=int, help="saturation rounds per config (default: 3, --quick: 1)")
     parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run the gateway from this checkout (e.g. a `git worktree` of the commit before a change) "
+        "with its own example policy, as row C-base in the same rounds",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also py-spy the gateway under load and list the top functions (needs py-spy)",
@@ -2111,7 +2148,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, rounds=max(1, args.rounds))
     work_dir = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     try:
-        report = run(settings, profile=args.profile, work_dir=work_dir, base_policy=args.policy)
+        report = run(
+            settings,
+            profile=args.profile,
+            work_dir=work_dir,
+            base_policy=args.policy,
+            baseline_src=args.baseline_src.resolve() if args.baseline_src else None,
+        )
     except (RuntimeError, PolicyError) as exc:
         print(f"extproc bench: {exc}", file=sys.stderr)
         return 1

@@ -117,6 +117,7 @@ class ManagedProcess:
     argv: list[str]
     log_path: Path
     env: dict[str, str] | None = None
+    cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -127,6 +128,7 @@ class ManagedProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self.env,
+            cwd=self.cwd,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop children in order
         )
         log.close()
@@ -176,6 +178,9 @@ class LocalStack:
     # The fake vLLMs' ports: consecutive from here in the policy's backend order (`extproc dev`, so
     # the README can name them); None: free ports.
     upstream_base_port: int | None = None
+    # Run `extproc serve` from this source tree instead (the benchmark's baseline row): it may predate
+    # the flags the local stack passes now, so only the ones every version has are given.
+    extproc_source: Path | None = None
     work_dir: Path | None = None
     keep_logs: bool = False  # a temporary work_dir is removed on stop unless asked to keep it
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -200,9 +205,13 @@ class LocalStack:
     def _python(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "extproc", *args]
 
-    def _add(self, name: str, argv: list[str]) -> ManagedProcess:
+    def _add(self, name: str, argv: list[str], source: Path | None = None) -> ManagedProcess:
         assert self.work_dir is not None
-        process = ManagedProcess(name, argv, self.work_dir / f"{name}.log")
+        env, cwd = None, None
+        if source is not None:
+            # `python -m extproc` imports from the working directory first, ahead of the installed package.
+            env, cwd = {**os.environ, "PYTHONPATH": str(source)}, source
+        process = ManagedProcess(name, argv, self.work_dir / f"{name}.log", env=env, cwd=cwd)
         process.start()
         self.processes.append(process)
         return process
@@ -252,9 +261,10 @@ class LocalStack:
                 )
                 if self.redis_url:
                     argv += ["--redis-url", self.redis_url]
-                argv += [*load_urls, *self.serve_args]
+                if self.extproc_source is None:
+                    argv += [*load_urls, *self.serve_args]
             name = "extproc" if replica == 0 else f"extproc-{replica + 1}"
-            waits.append((self._add(name, argv), port))
+            waits.append((self._add(name, argv, self.extproc_source), port))
         config = self.work_dir / "envoy.yaml"
         config.write_text(
             render(

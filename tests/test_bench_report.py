@@ -116,3 +116,8 @@ def test_rules_benchmark_requests_take_the_rules_it_says() -> None:
     assert [(c.rule, c.candidates) for c in cost.cases] == [("default", 5), ("free-short-chat", 6)]
     assert cost.rules == 20 and cost.decision_rule == "default"
     assert all(c.hit_us > 0 and c.cleared_us > 0 for c in cost.cases) and cost.decision_us > 0
+
+
+def test_a_baseline_must_be_an_extproc_checkout(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="not an extproc checkout"):
+        bench.baseline_config(tmp_path, tmp_path)
