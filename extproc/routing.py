@@ -153,7 +153,7 @@ class RuleTable:
         key = facts.discrete()
         candidates = self._memo.get(key)
         if candidates is None:
-            candidates = self._candidates(facts)
+            candidates = self._candidates(facts, key)
         prompt, messages = facts.prompt_tokens, facts.messages
         for prompt_range, messages_range, action in candidates:
             if prompt_range is not None and not prompt_range[0] <= prompt <= prompt_range[1]:
@@ -163,7 +163,7 @@ class RuleTable:
             return action
         return RouteTo(self.default_backend or model_backend, "default")
 
-    def _candidates(self, facts: RequestFacts) -> tuple[_Candidate, ...]:
+    def _candidates(self, facts: RequestFacts, key: tuple[object, ...]) -> tuple[_Candidate, ...]:
         found: list[_Candidate] = []
         for rule in self.rules:
             if rule.matches_discrete(facts):
@@ -172,7 +172,7 @@ class RuleTable:
                     break  # it always matches: nothing after it can be reached
         if len(self._memo) >= _MEMO_MAX:
             self._memo.clear()
-        candidates = self._memo[facts.discrete()] = tuple(found)
+        candidates = self._memo[key] = tuple(found)
         return candidates
 
 

@@ -76,15 +76,13 @@ def build_quota_service(policy: Policy, redis_url: str | None) -> QuotaService:
     from extproc.quota.memory import MemoryStore
 
     if redis_url is None:
-        return QuotaService(policy, MemoryStore())
+        return QuotaService(MemoryStore())
     from extproc.quota.redis_store import RedisStore
     from extproc.quota.resilient import ResilientStore
 
     store = ResilientStore(RedisStore(redis_url), on_failure=policy.quotas.on_store_failure)
-    from extproc import metrics
-
     metrics.QUOTA_PENDING.set_function(lambda: store.pending)
-    return QuotaService(policy, store)
+    return QuotaService(store)
 
 
 def grpc_options(policy: Policy) -> list[tuple[str, int]]:

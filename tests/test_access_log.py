@@ -49,7 +49,7 @@ def exchange(key: str, body: dict[str, object], response: bytes | None) -> list[
 
 async def drive(messages: list[pb.ProcessingRequest]) -> None:
     policy = load_policy(POLICY)
-    quotas = QuotaService(policy, MemoryStore())
+    quotas = QuotaService(MemoryStore())
     stream = RequestStream(Gateway.from_policy(policy), quotas)
     for message in messages:
         await stream.handle(message)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from extproc import errors, metrics
 from extproc.identity import Identity
-from extproc.policy import Policy
 from extproc.quota.plan import QuotaPlan, QuotaPlanner, rate_limit_headers, refusal
 from extproc.quota.store import AdmitResult, QuotaStore, Settlement, StoreUnavailable
 
@@ -30,9 +29,8 @@ class Reservation:
 
 
 class QuotaService:
-    def __init__(self, policy: Policy, store: QuotaStore) -> None:
+    def __init__(self, store: QuotaStore) -> None:
         self.store = store
-        self.planner = QuotaPlanner(policy.quotas.key_prefix, policy.quotas.reservation_ttl_seconds * 1000)
         self._queue: deque[Settlement] = deque()
         self._worker: asyncio.Task[None] | None = None  # the flush in progress, if any
         self._flush_scheduled = False
@@ -43,15 +41,15 @@ class QuotaService:
         model: str,
         prompt_tokens: int,
         completion_tokens: int,
-        planner: QuotaPlanner | None = None,
+        planner: QuotaPlanner,
     ) -> Reservation | None:
         """Reserve prompt + completion cap, or raise the 429/503 the client should see; None: no limits.
 
-        `planner` is the one compiled with the policy in force for this request (a reload brings new
-        limits with a new planner); the service's own serves callers that have none.
+        `planner` is the one compiled with the policy in force for this request: a reload brings new
+        limits with a new planner, while the store and its queued settlements live on.
         """
         now_ms = int(time.time() * 1000)
-        plan = (planner or self.planner).plan(identity, model, prompt_tokens, completion_tokens, now_ms)
+        plan = planner.plan(identity, model, prompt_tokens, completion_tokens, now_ms)
         if plan is None:
             return None
         try:
