@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from extproc.inflight import InFlightCounter
+from extproc.recorder import NULL_RECORDER, Recorder
+from extproc.routing import CLASS_OF_PRIORITY
 
 __all__ = ["UNCAPPED", "AdmissionQueue", "Shed", "Slot"]
 
@@ -98,9 +100,14 @@ class AdmissionQueue:
     """Per-backend admission for one worker process. Use it from its event loop's thread only."""
 
     def __init__(
-        self, counter: InFlightCounter, poll_interval_s: float = 0.005, clock: Callable[[], float] = time.monotonic
+        self,
+        counter: InFlightCounter,
+        poll_interval_s: float = 0.005,
+        clock: Callable[[], float] = time.monotonic,
+        recorder: Recorder = NULL_RECORDER,
     ) -> None:
         self._counter = counter
+        self._recorder = recorder
         self._poll_interval_s = poll_interval_s
         self._clock = clock
         self._backends: dict[str, _Backend] = {}
@@ -188,6 +195,7 @@ class AdmissionQueue:
             fifo = tenants[tenant] = deque()
         fifo.append(waiter)
         state.count += 1
+        self._report(state, priority)
         if state.poll is None:
             state.poll = loop.call_later(self._poll_interval_s, self._on_poll, state)
         timer = loop.call_later(max_wait_s, self._expire, waiter)
@@ -201,6 +209,11 @@ class AdmissionQueue:
             raise
         finally:
             timer.cancel()
+
+    def _report(self, state: _Backend, priority: int) -> None:
+        tenants = state.levels.get(priority)
+        length = sum(map(len, tenants.values())) if tenants else 0
+        self._recorder.queue_length(state.name, CLASS_OF_PRIORITY.get(priority, str(priority)), length)
 
     def _abandon(self, waiter: _Waiter) -> None:
         """The waiting coroutine is leaving with an exception (cancelled, most likely)."""
@@ -273,6 +286,7 @@ class AdmissionQueue:
             del state.levels[waiter.priority]
         waiter.queued = False
         state.count -= 1
+        self._report(state, waiter.priority)
         if not state.count:
             if state.poll is not None:
                 state.poll.cancel()

@@ -47,6 +47,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         reload_interval_s=args.reload_interval,
         policy_fingerprint=seen,
         load_urls={name: tuple(urls) for name, urls in load_urls.items()},
+        metrics_dir=args.metrics_dir or None,
+        access_log=args.access_log,
+        access_log_prompts=args.access_log_prompts,
     )
     return serve(options)
 
@@ -72,6 +75,35 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
         f"{len(policy.routing.rules)} rules{f', {len(problems)} warnings' if problems else ''})"
     )
     return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from extproc.core import Gateway
+    from extproc.replay import format_report, replay
+
+    try:
+        gateway = Gateway.from_policy(load_policy(args.policy))
+    except (PolicyError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        with open(args.log, "rb") if args.log != "-" else sys.stdin.buffer as lines:
+            report = replay(gateway, lines)
+    except OSError as exc:
+        print(f"{args.log}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**report.summary(), "changes": [_change_json(c) for c in report.changes]}, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _change_json(change: object) -> dict[str, object]:
+    import dataclasses
+
+    assert dataclasses.is_dataclass(change) and not isinstance(change, type)
+    return {**dataclasses.asdict(change), "kind": getattr(change, "kind", None)}
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
@@ -113,6 +145,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             redis_url=args.redis_url or None,
             keep_logs=True,
             upstream_base_port=args.port + 1,
+            metrics_port=args.metrics_port,
+            upstream_versions=dict.fromkeys(load_policy(args.policy).backends, "v1"),
         )
     except PolicyError as exc:
         print(exc, file=sys.stderr)
@@ -138,9 +172,11 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 extproc dev is running.
   base URL : {stack.base_url}
   policy   : {args.policy}
+  metrics  : {stack.metrics_url}  (the gateway: every worker summed)
   backends : {", ".join(f"{u.name}=127.0.0.1:{u.port}" for u in stack.upstreams)}
-             (each a fake vLLM: steer its load with PUT http://127.0.0.1:PORT/fake/state)
-  logs     : {stack.work_dir}
+             (each a fake vLLM, version v1: its metrics at http://127.0.0.1:PORT/metrics; steer its
+             load, version and faults with PUT http://127.0.0.1:PORT/fake/state)
+  logs     : {stack.work_dir}  (access log: one JSON line per request in extproc.log)
   quotas   : {stack.redis_url or "in-memory (pass --redis-url to share them)"}
 
 Try it:
@@ -204,7 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         default=int(_env("EXTPROC_METRICS_PORT", "0")),
-        help="Prometheus /metrics port; worker i uses port+i (0: off) ($EXTPROC_METRICS_PORT)",
+        help="Prometheus /metrics port: one per replica, summing all its workers (0: off) ($EXTPROC_METRICS_PORT)",
+    )
+    serve.add_argument(
+        "--metrics-dir",
+        default=_env("PROMETHEUS_MULTIPROC_DIR", ""),
+        help="where the workers write their metric files; emptied at start (default: a new temporary directory)",
+    )
+    serve.add_argument(
+        "--access-log",
+        default=_env("EXTPROC_ACCESS_LOG", "stdout"),
+        help="one JSON line per request to stdout, stderr, a file path, or off ($EXTPROC_ACCESS_LOG)",
+    )
+    serve.add_argument(
+        "--access-log-prompts",
+        action="store_true",
+        default=_env("EXTPROC_ACCESS_LOG_PROMPTS", "") == "1",
+        help="DEBUG ONLY: put request bodies (prompt text) into the access log; warns at start",
     )
     serve.add_argument(
         "--reload-interval",
@@ -248,12 +300,25 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--json", action="store_true", help="print the decision as JSON")
     route.set_defaults(func=_cmd_route)
 
+    replay_cmd = sub.add_parser(
+        "replay",
+        help="policy what-if: re-decide logged requests under another policy",
+        description="Re-decide every request of an access log (JSON lines) under POLICY, from the logged features "
+        "alone (no prompt text), and print what would change: requests moving between backends, newly refused "
+        "or limited requests, per tenant and class. Load is taken as unsaturated; quotas are replayed in log order.",
+    )
+    replay_cmd.add_argument("log", help="the access log (JSON lines), or - for stdin")
+    replay_cmd.add_argument("--policy", required=True, help="the policy to try")
+    replay_cmd.add_argument("--json", action="store_true", help="print the report as JSON, with every change")
+    replay_cmd.set_defaults(func=_cmd_replay)
+
     dev = sub.add_parser("dev", help="run the local stack: Envoy + extproc + fake vLLMs")
     dev.add_argument("--policy", default=str(example_policy_path()))
     dev.add_argument("--port", type=int, default=10000, help="Envoy listener port")
     dev.add_argument("--workers", type=int, default=1)
     dev.add_argument("--redis-url", default="", help="use Redis for quotas (default: in-memory)")
     dev.add_argument("--token-delay-ms", type=float, default=2.0, help="fake vLLM delay per generated token")
+    dev.add_argument("--metrics-port", type=int, default=9400, help="the gateway's Prometheus /metrics port")
     dev.set_defaults(func=_cmd_dev)
 
     fake = sub.add_parser("fake-vllm", help="a protocol-faithful fake vLLM server", add_help=False)

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from extproc import errors, names
+from extproc import codes, errors, names
 from extproc.compiled import CompiledModel, CompiledPolicy, Target, compile_policy
 from extproc.endpoints import TRANSLATORS, ChatFraming, Translator
 from extproc.errors import GatewayError
@@ -27,8 +27,10 @@ from extproc.identity import Identity
 from extproc.load import BackendLoad
 from extproc.policy import Policy
 from extproc.quota.plan import QuotaPlanner
-from extproc.routing import CLASS_PRIORITY, RejectWith, RequestFacts
+from extproc.recorder import RequestRecord
+from extproc.routing import CLASS_PRIORITY, RejectWith, RequestFacts, RouteTo
 from extproc.saturation import Considered, choose
+from extproc.signals import ContentSignals
 from extproc.sse import SseUsageReader, Usage, usage_from_json_body
 
 # --- what the core answers --------------------------------------------------------------
@@ -58,12 +60,12 @@ class Reply:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
-    code: str | None = None  # the error code, for metrics
+    error: GatewayError | None = None  # what was refused, for the record
 
     @classmethod
     def from_error(cls, error: GatewayError) -> Reply:
         headers = (("content-type", names.JSON_CONTENT_TYPE), *error.headers.items())
-        return cls(error.status, error.body(), headers, error.code)
+        return cls(error.status, error.body(), headers, error)
 
 
 @dataclass(slots=True)
@@ -84,6 +86,7 @@ class Admission:
     completion_tokens: int  # the most the backend may generate: cap x sequences
     stream: bool
     hide_usage_event: bool
+    facts: RequestFacts  # what the routing rules saw (also what a replay re-decides from)
     notes: list[str] = field(default_factory=list)  # normalizations applied, for the log
 
     @property
@@ -115,6 +118,7 @@ class Gateway:
         self.framing = ChatFraming(gw.tokens_per_message, gw.tokens_per_reply, gw.tokens_per_image)
         self.load_policy = policy.load
         self.quality_header = policy.routing.quality_header
+        self.version_header = policy.observability.version_header
         self.quality_values = frozenset(policy.routing.quality_values)
         self.models: dict[str, CompiledModel] = compiled.models
         self.quota_planner = QuotaPlanner(policy.quotas.key_prefix, policy.quotas.reservation_ttl_seconds * 1000)
@@ -159,6 +163,7 @@ class Gateway:
             frozenset(self._ours),  # stripped when forged; the class header is also a request
             self.auth.header_names if self.auth.enabled else frozenset(),
             frozenset({self.quality_header}),
+            frozenset({names.REQUEST_ID}),  # the access log's key
         )
         self.request_header_names = frozenset().union(*readers)
 
@@ -185,11 +190,11 @@ class Gateway:
         return NeedBody(
             translator,
             identity,
-            self._traffic_class(identity, headers.get(names.TRAFFIC_CLASS)),
+            self.traffic_class(identity, headers.get(names.TRAFFIC_CLASS)),
             quality if quality in self.quality_values else None,
         )
 
-    def _traffic_class(self, identity: Identity | None, requested: str | None) -> str:
+    def traffic_class(self, identity: Identity | None, requested: str | None) -> str:
         """The caller's class; a requested one only when the tenant may choose it (never a raise)."""
         default = identity.tenant.traffic_class if identity is not None else "interactive"
         if requested is None or requested == default:
@@ -213,11 +218,20 @@ class Gateway:
 
     # --- request body --------------------------------------------------------------------
 
-    def on_request_body(self, need: NeedBody, raw: bytes, loads: Mapping[str, BackendLoad] = _NO_LOAD) -> Admission:
+    def on_request_body(
+        self,
+        need: NeedBody,
+        raw: bytes,
+        loads: Mapping[str, BackendLoad] = _NO_LOAD,
+        record: RequestRecord | None = None,
+    ) -> Admission:
         """Validate, count, route (rules, then load), cap and rewrite; raise the error a client should see.
 
         `loads` is the latest scraped figure per backend: an input, so the decision stays pure.
+        `record` gets what is learned as it is learned, so a refusal's log line says how far it got.
         """
+        if record is None:
+            record = RequestRecord(0.0, 0.0)
         translator, identity = need.translator, need.identity
         if len(raw) > self.max_body_bytes:
             raise errors.body_too_large(self.max_body_bytes)
@@ -225,26 +239,18 @@ class Gateway:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise errors.invalid_request(
-                "We could not parse the JSON body of your request: it is not valid JSON.", code="invalid_json"
+                "We could not parse the JSON body of your request: it is not valid JSON.", kind=codes.INVALID_JSON
             ) from None
         if not isinstance(body, dict):
             raise errors.invalid_request("The request body must be a JSON object.")
         requested_model = body.get("model")
         if not isinstance(requested_model, str) or not requested_model:
             raise errors.invalid_request("`model` is required and must be a string.", "model")
-        model = self.models.get(requested_model)
-        if model is None:
-            raise errors.model_not_found(requested_model)
-        if identity is not None:
-            allowed = self._allowed[identity.tenant.name]
-            if allowed is not None and model.name not in allowed:
-                raise errors.model_not_allowed(requested_model)
-        own = model.own
-        if translator.endpoint not in own.endpoints:
-            raise errors.unsupported_endpoint(
-                f"Model `{requested_model}` does not serve the {translator.endpoint} endpoint "
-                f"(it serves: {', '.join(sorted(own.endpoints))})."
-            )
+        record.requested_model = requested_model[:_MAX_LOGGED_MODEL]
+        known = self.models.get(requested_model)
+        if known is not None:
+            record.model = known.name  # before the access checks, so a 403 says which model
+        model = self.model_for(identity, requested_model, translator.endpoint)
         translator.validate(body)
 
         notes: list[str] = []
@@ -262,16 +268,10 @@ class Gateway:
             prompt_tokens=cost.total,
             messages=len(body["messages"]) if translator.endpoint == "chat" else 0,
         )
-        action = self.rules.evaluate(facts, model.backend)
-        if isinstance(action, RejectWith):
-            raise errors.rule_rejection(action.status, action.code, action.message)
-        routed = model.targets[action.backend]
-        if translator.endpoint not in routed.endpoints:
-            raise errors.unsupported_endpoint(
-                f"Model `{requested_model}` is routed to backend {action.backend} by rule {action.rule}, "
-                f"which does not serve the {translator.endpoint} endpoint."
-            )
         requested = translator.requested_completion(body)
+        record.json_mode, record.tools, record.messages = facts.json_mode, facts.tools, facts.messages
+        record.prompt_tokens, record.requested_completion = cost.total, requested
+        action, routed = self.route(facts, model, record)
         choice = choose(
             model,
             action.backend,
@@ -285,25 +285,19 @@ class Gateway:
             translator.generates,
         )
         target = choice.target
+        record.backend, record.served_model = target.backend, target.served_name
         if target is not routed:
             notes.append(f"fallback {routed.backend}->{target.backend}")
 
         prompt_field = translator.prompt_field
-        if cost.total > target.prompt_cap:
-            raise errors.invalid_request(
-                f"The prompt is {cost.total} tokens; model `{requested_model}` accepts at most "
-                f"{target.prompt_cap} prompt tokens.",
-                prompt_field,
-                code="prompt_too_long",
-            )
+        check_prompt(target, cost.total, requested_model, prompt_field)
         changed = False
         completion = 0
         if translator.generates:
             completion, changed = self._settle_completion_cap(
                 translator, body, requested, model, target, cost.longest, notes
             )
-        if cost.longest + completion > target.max_model_len:
-            raise _context_exceeded(target.max_model_len, cost.longest, completion, prompt_field)
+        context_check(target, cost.longest, completion, prompt_field)
 
         changed |= self._normalize(translator, body, model, target, notes)
         stream = translator.generates and body.get("stream") is True
@@ -340,8 +334,41 @@ class Gateway:
             completion_tokens=completion * translator.sequences(body),
             stream=stream,
             hide_usage_event=hide_usage,
+            facts=facts,
             notes=notes,
         )
+
+    def model_for(self, identity: Identity | None, requested_model: str, endpoint: str) -> CompiledModel:
+        """The model a public name stands for, if this caller may use it on this endpoint."""
+        model = self.models.get(requested_model)
+        if model is None:
+            raise errors.model_not_found(requested_model)
+        if identity is not None:
+            allowed = self._allowed[identity.tenant.name]
+            if allowed is not None and model.name not in allowed:
+                raise errors.model_not_allowed(requested_model)
+        own = model.own
+        if endpoint not in own.endpoints:
+            raise errors.unsupported_endpoint(
+                f"Model `{requested_model}` does not serve the {endpoint} endpoint "
+                f"(it serves: {', '.join(sorted(own.endpoints))})."
+            )
+        return model
+
+    def route(self, facts: RequestFacts, model: CompiledModel, record: RequestRecord) -> tuple[RouteTo, Target]:
+        """The rules' pick for these facts (before load), or the rule's rejection."""
+        action = self.rules.evaluate(facts, model.backend)
+        record.rule = action.rule
+        if isinstance(action, RejectWith):
+            raise errors.rule_rejection(action.kind, action.message)
+        routed = model.targets[action.backend]
+        record.routed_backend = action.backend
+        if facts.endpoint not in routed.endpoints:
+            raise errors.unsupported_endpoint(
+                f"Model `{facts.requested_model}` is routed to backend {action.backend} by rule {action.rule}, "
+                f"which does not serve the {facts.endpoint} endpoint."
+            )
+        return action, routed
 
     def _settle_completion_cap(
         self,
@@ -354,21 +381,14 @@ class Gateway:
         notes: list[str],
     ) -> tuple[int, bool]:
         """Return the completion cap that goes upstream and whether the body changed."""
+        field_name = translator.completion_field(body)
+        completion = completion_cap(target, model, requested, longest, field_name, body["model"])
         if requested is None:
-            # Shrink our own default to the room left; the client asked for nothing specific.
-            completion = max(1, min(target.default_completion, target.max_model_len - longest))
             body["max_tokens"] = completion
             notes.append(f"max_tokens={completion} (default)")
             return completion, True
         if requested <= target.completion_cap:
             return requested, False
-        field_name = translator.completion_field(body)
-        if model.cap_action == "reject":
-            raise errors.invalid_request(
-                f"`{field_name}` is {requested}; model `{body['model']}` allows at most {target.completion_cap}.",
-                field_name,
-                code="max_tokens_exceeded",
-            )
         for name in ("max_tokens", "max_completion_tokens"):
             if body.get(name) is not None:
                 body[name] = target.completion_cap
@@ -407,6 +427,42 @@ class Gateway:
         return changed
 
 
+_MAX_LOGGED_MODEL = 128  # a model name as the client wrote it, in the log
+
+
+def check_prompt(target: Target, prompt_tokens: int, requested_model: str, prompt_field: str) -> None:
+    if prompt_tokens > target.prompt_cap:
+        raise errors.invalid_request(
+            f"The prompt is {prompt_tokens} tokens; model `{requested_model}` accepts at most "
+            f"{target.prompt_cap} prompt tokens.",
+            prompt_field,
+            kind=codes.PROMPT_TOO_LONG,
+        )
+
+
+def completion_cap(
+    target: Target, model: CompiledModel, requested: int | None, longest: int, field_name: str, requested_model: str
+) -> int:
+    """The completion cap that goes upstream for `requested` (None: the client set none), or the refusal."""
+    if requested is None:
+        # Shrink our own default to the room left; the client asked for nothing specific.
+        return max(1, min(target.default_completion, target.max_model_len - longest))
+    if requested <= target.completion_cap:
+        return requested
+    if model.cap_action == "reject":
+        raise errors.invalid_request(
+            f"`{field_name}` is {requested}; model `{requested_model}` allows at most {target.completion_cap}.",
+            field_name,
+            kind=codes.MAX_TOKENS_EXCEEDED,
+        )
+    return target.completion_cap
+
+
+def context_check(target: Target, longest: int, completion: int, prompt_field: str) -> None:
+    if longest + completion > target.max_model_len:
+        raise _context_exceeded(target.max_model_len, longest, completion, prompt_field)
+
+
 def _json_mode(body: dict[str, Any]) -> bool:
     response_format = body.get("response_format")
     return isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
@@ -434,7 +490,7 @@ def _context_exceeded(window: int, prompt: int, completion: int, prompt_field: s
         f"{prompt + completion} tokens ({prompt} in the {where}, {completion} in the completion). "
         "Please reduce the length of the messages or completion.",
         prompt_field,
-        code="context_length_exceeded",
+        kind=codes.CONTEXT_LENGTH_EXCEEDED,
     )
 
 
@@ -455,6 +511,7 @@ class ResponseWatcher:
         self.status = 0
         self.usage: Usage | None = None
         self._sse: SseUsageReader | None = None
+        self.signals: ContentSignals | None = None  # set for a successful generation
 
     @property
     def events_seen(self) -> int:
@@ -463,8 +520,11 @@ class ResponseWatcher:
     def on_headers(self, status: int, content_type: str) -> BodyMode:
         self.status = status
         media = content_type.split(";", 1)[0].strip().lower()
+        admission = self.admission
+        if status == 200 and admission.endpoint != "embeddings":
+            self.signals = ContentSignals(admission.facts.json_mode, admission.facts.tools)
         if media == names.SSE_CONTENT_TYPE:
-            self._sse = SseUsageReader(hide_usage_event=self.admission.hide_usage_event)
+            self._sse = SseUsageReader(hide_usage_event=admission.hide_usage_event, signals=self.signals)
             return BodyMode.STREAMED
         if status == 200 and media == names.JSON_CONTENT_TYPE:
             return BodyMode.BUFFERED
@@ -477,5 +537,5 @@ class ResponseWatcher:
             if self._sse.usage is not None:
                 self.usage = self._sse.usage
             return replacement
-        self.usage = usage_from_json_body(chunk)
+        self.usage = usage_from_json_body(chunk, self.signals)
         return None

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from extproc import names
 from extproc.policy import Policy
 
 
@@ -88,6 +89,7 @@ def _ext_proc_filter(setup: EnvoySetup) -> dict[str, Any]:
             "failure_mode_allow": False,
             "message_timeout": f"{setup.message_timeout_ms / 1000}s",
             "allow_mode_override": True,
+            "response_attributes": list(names.VERSION_ATTRIBUTES),
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "request_body_mode": "BUFFERED",

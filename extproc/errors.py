@@ -11,29 +11,38 @@ from typing import Any
 
 import orjson
 
-from extproc import names
+from extproc import codes, names
+from extproc.codes import ErrorCode
 
 
 class GatewayError(Exception):
-    """A request the gateway refuses, with the status and body a client should see."""
+    """A request the gateway refuses, with the status and body a client should see.
+
+    `kind` is its entry in the code registry: the status, the body's `type` and `code`, and the
+    outcome and reason the metrics record all derive from it.
+    """
 
     def __init__(
         self,
-        status: int,
+        kind: ErrorCode,
         message: str,
         *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
+        type: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.status = status
+        self.kind = kind
+        self.status = kind.status
         self.message = message
-        self.type = type
-        self.code = code
+        self.type = type or kind.type
+        self.code = kind.code if kind.body_code else None
         self.param = param
         self.headers = headers or {}
+
+    @property
+    def reason(self) -> str:
+        return self.kind.code
 
     def body(self) -> bytes:
         payload: dict[str, Any] = {
@@ -42,59 +51,47 @@ class GatewayError(Exception):
         return orjson.dumps(payload)
 
 
-def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
-    return GatewayError(400, message, param=param, code=code)
+def invalid_request(message: str, param: str | None = None, kind: ErrorCode = codes.INVALID_REQUEST) -> GatewayError:
+    return GatewayError(kind, message, param=param)
 
 
 def model_not_found(model: str) -> GatewayError:
     return GatewayError(
-        404,
-        f"The model `{model}` does not exist or you do not have access to it.",
-        param="model",
-        code="model_not_found",
+        codes.MODEL_NOT_FOUND, f"The model `{model}` does not exist or you do not have access to it.", param="model"
     )
 
 
 def unsupported_endpoint(message: str) -> GatewayError:
-    return GatewayError(400, message, param="model", code="unsupported_endpoint")
+    return GatewayError(codes.UNSUPPORTED_ENDPOINT, message, param="model")
 
 
 def model_not_allowed(model: str) -> GatewayError:
     return GatewayError(
-        403,
-        f"Your organization does not have access to model `{model}`.",
-        param="model",
-        code="model_not_allowed",
+        codes.MODEL_NOT_ALLOWED, f"Your organization does not have access to model `{model}`.", param="model"
     )
 
 
 def body_too_large(limit: int) -> GatewayError:
-    return GatewayError(413, f"Request body exceeds the gateway's limit of {limit} bytes.", code="request_too_large")
+    return GatewayError(codes.REQUEST_TOO_LARGE, f"Request body exceeds the gateway's limit of {limit} bytes.")
 
 
 def unsupported_media_type(content_type: str) -> GatewayError:
     return GatewayError(
-        415,
+        codes.UNSUPPORTED_MEDIA_TYPE,
         f"Unsupported content type {content_type!r}: send the request body as application/json.",
-        code="unsupported_media_type",
     )
 
 
 def method_not_allowed(method: str, path: str) -> GatewayError:
-    return GatewayError(405, f"Method {method} is not allowed on {path}.", code="method_not_allowed")
+    return GatewayError(codes.METHOD_NOT_ALLOWED, f"Method {method} is not allowed on {path}.")
 
 
 def unauthorized(message: str) -> GatewayError:
-    return GatewayError(401, message, code="invalid_api_key")
+    return GatewayError(codes.INVALID_API_KEY, message)
 
 
 def quota_store_unavailable() -> GatewayError:
-    return GatewayError(
-        503,
-        "The quota service is unavailable; please retry shortly.",
-        type="server_error",
-        code="quota_store_unavailable",
-    )
+    return GatewayError(codes.QUOTA_STORE_UNAVAILABLE, "The quota service is unavailable; please retry shortly.")
 
 
 def retry_headers(wait_ms: int) -> dict[str, str]:
@@ -112,21 +109,28 @@ def shed(
         why = "did not free a slot in time"
     if traffic_class == "interactive":
         return GatewayError(
-            503,
+            codes.BACKEND_OVERLOADED,
             f"The model backend {why}; please retry in {math.ceil(wait_ms / 1000)}s.",
-            type="server_error",
-            code="backend_overloaded",
             headers=headers,
         )
     return GatewayError(
-        429,
+        codes.SHED,
         f"The model backend {why} and {traffic_class} traffic is being shed; please retry in "
         f"{math.ceil(wait_ms / 1000)}s.",
-        type="requests",
-        code="shed",
         headers=headers,
     )
 
 
-def rule_rejection(status: int, code: str, message: str) -> GatewayError:
-    return GatewayError(status, message, type="invalid_request_error" if status < 500 else "server_error", code=code)
+def rule_rejection(kind: ErrorCode, message: str) -> GatewayError:
+    """A `routing.rules[].reject`: its code was registered when the policy compiled (`rule_code`)."""
+    return GatewayError(kind, message)
+
+
+def rule_code(status: int, code: str) -> ErrorCode:
+    """The registry entry of a policy rule's own code (a code of ours keeps its meaning)."""
+    error_type = "invalid_request_error" if status < 500 else "server_error"
+    return ErrorCode(code, status, error_type, codes.outcome_of(code, status))
+
+
+def internal_error(message: str) -> GatewayError:
+    return GatewayError(codes.INTERNAL_ERROR, message)

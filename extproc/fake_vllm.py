@@ -32,6 +32,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -126,6 +127,39 @@ class _ModelStats:
 @functools.lru_cache(maxsize=256)
 def _completion_text(n_tokens: int) -> str:
     return "".join(_TOKENS[i % len(_TOKENS)] for i in range(n_tokens))
+
+
+def _output_tokens(n_tokens: int, json_mode: bool, broken: bool) -> list[str]:
+    """The generated tokens: words, or in JSON mode a JSON object (made invalid by `broken`)."""
+    words = [_TOKENS[i % len(_TOKENS)] for i in range(n_tokens)]
+    if not json_mode:
+        return words
+    if n_tokens == 1:
+        return ["{" if broken else "{}"]
+    return ['{"text": "', *words[: n_tokens - 2], '"' if broken else '"}']
+
+
+def _tool_arguments(n_tokens: int, broken: bool) -> list[str]:
+    """A tool call's arguments as `n_tokens` fragments (some may be empty), one per event."""
+    text = '{"query": "hello"' + ("" if broken else "}")
+    step = max(1, -(-len(text) // n_tokens))
+    return [text[i * step : (i + 1) * step] for i in range(n_tokens)]
+
+
+def _tool_name(body: dict[str, Any]) -> str | None:
+    """The function a chat request lets the model call, when it offers tools and does not forbid them."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools or body.get("tool_choice") == "none":
+        return None
+    first = tools[0]
+    function = first.get("function") if isinstance(first, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else "tool"
+
+
+def _json_requested(body: dict[str, Any]) -> bool:
+    fmt = body.get("response_format")
+    return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
 
 
 def _count_words(text: str) -> int:
@@ -260,6 +294,10 @@ def _is_bool(value: object) -> bool:
     return isinstance(value, bool)
 
 
+def _is_version(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 40 and value.isprintable()
+
+
 # Every knob, with what it accepts. None (JSON null) is always accepted and means
 # "unset": the fake then behaves as it would without the control plane.
 _KNOBS: dict[str, tuple[str, Callable[[object], bool]]] = {
@@ -273,6 +311,12 @@ _KNOBS: dict[str, tuple[str, Callable[[object], bool]]] = {
     "reset_after_chunks": ("an integer >= 0", _int_in(0)),
     "status": ("an integer between 400 and 599", _int_in(400, 599)),
     "delay_ms": ("a number >= 0", _number_in(0)),
+    # Rollout signals: the version header this engine sends (a pod label in the mesh), and
+    # regressions a canary may carry: JSON-mode content that does not parse, tool-call
+    # arguments that do not parse.
+    "version": ("a string of 1 to 40 printable characters", _is_version),
+    "broken_json": ("a boolean", _is_bool),
+    "broken_tool_args": ("a boolean", _is_bool),
 }
 
 
@@ -301,6 +345,16 @@ def _reset_connection(request: web.Request) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """What a generation request gets back, beyond its length."""
+
+    json_mode: bool
+    broken_json: bool
+    tool: str | None  # the function called (chat requests offering tools)
+    broken_tool_args: bool
 
 
 class _FakeVllm:
@@ -332,6 +386,8 @@ class _FakeVllm:
         # A signal rather than per-handler headers so aiohttp's own error responses
         # (413, 500, ...) are attributed to this upstream too.
         response.headers[names.SERVED_BY] = self.name
+        if self.state["version"] is not None:
+            response.headers[names.MODEL_VERSION] = self.state["version"]
 
     async def _read(self, request: web.Request) -> Any:
         """Read, record and decode the body; raises a vLLM-style 400 on bad JSON."""
@@ -566,13 +622,19 @@ class _FakeVllm:
 
         prompt_tokens = sum(prompts)
         n_choices = len(prompts) * n
+        output = _Output(
+            json_mode=_json_requested(body),
+            broken_json=bool(self.state["broken_json"]),
+            tool=_tool_name(body) if chat else None,
+            broken_tool_args=bool(self.state["broken_tool_args"]),
+        )
         # vLLM schedules each prompt of a batch as its own engine request.
         stats.running += len(prompts)
         stats.prompt_tokens += prompt_tokens
         try:
             if stream:
                 return await self._stream(
-                    request, stats, chat, model, len(prompts), n_choices, n_out, prompt_tokens, include_usage
+                    request, stats, chat, model, len(prompts), n_choices, n_out, prompt_tokens, include_usage, output
                 )
             if self.token_delay_s > 0:
                 # Keep non-streamed latency consistent with streamed latency.
@@ -580,7 +642,7 @@ class _FakeVllm:
             stats.generation_tokens += n_out * n_choices
             stats.finished["length"] += len(prompts)
             return web.Response(
-                body=orjson.dumps(_full_response(chat, model, n_choices, n_out, prompt_tokens)),
+                body=orjson.dumps(_full_response(chat, model, n_choices, n_out, prompt_tokens, output)),
                 content_type=_JSON,
             )
         finally:
@@ -597,6 +659,7 @@ class _FakeVllm:
         n_out: int,
         prompt_tokens: int,
         include_usage: bool,
+        output: _Output,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": _SSE, "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -649,16 +712,30 @@ class _FakeVllm:
                             ]
                         )
                     )
+            tokens = _output_tokens(n_out, output.json_mode, output.broken_json)
+            tool = output.tool if chat else None
+            fragments = _tool_arguments(n_out, output.broken_tool_args) if tool is not None else []
             for t in range(n_out):
                 if delay > 0:
                     await asyncio.sleep(delay)
                 elif t and t % YIELD_EVERY_TOKENS == 0:
                     await asyncio.sleep(0)
-                token = _TOKENS[t % len(_TOKENS)]
-                finish = "length" if t == n_out - 1 else None
+                token = tokens[t]
+                finish = ("tool_calls" if tool is not None else "length") if t == n_out - 1 else None
                 for i in range(n_choices):
-                    if chat:
+                    if tool is not None:
+                        call: dict[str, Any] = {"index": 0, "function": {"arguments": fragments[t]}}
+                        if t == 0:
+                            call.update(id=f"call_{req_id[-24:]}", type="function")
+                            call["function"]["name"] = tool
                         choice: dict[str, Any] = {
+                            "index": i,
+                            "delta": {"tool_calls": [call]},
+                            "logprobs": None,
+                            "finish_reason": finish,
+                        }
+                    elif chat:
+                        choice = {
                             "index": i,
                             "delta": {"content": token},
                             "logprobs": None,
@@ -734,10 +811,34 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _full_response(chat: bool, model: str, n_choices: int, n_out: int, prompt_tokens: int) -> dict[str, Any]:
-    text = _completion_text(n_out)
+def _full_response(
+    chat: bool, model: str, n_choices: int, n_out: int, prompt_tokens: int, output: _Output
+) -> dict[str, Any]:
+    text = "".join(_output_tokens(n_out, output.json_mode, output.broken_json))
     choices: list[dict[str, Any]]
-    if chat:
+    if chat and output.tool is not None:
+        arguments = "".join(_tool_arguments(n_out, output.broken_tool_args))
+        choices = [
+            {
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": f"call_{uuid.uuid4().hex[:24]}",
+                            "type": "function",
+                            "function": {"name": output.tool, "arguments": arguments},
+                        }
+                    ],
+                },
+                "finish_reason": "tool_calls",
+                "logprobs": None,
+            }
+            for i in range(n_choices)
+        ]
+        req_id, obj = f"chatcmpl-{uuid.uuid4().hex}", "chat.completion"
+    elif chat:
         choices = [
             {
                 "index": i,

@@ -63,6 +63,8 @@ class InFlightCounter(Protocol):
 
     def reset_worker(self, index: int) -> None: ...
 
+    def backends(self) -> list[str]: ...
+
     def close(self) -> None: ...
 
 
@@ -102,6 +104,9 @@ class LocalInFlight:
 
     def total(self, backend: str) -> int:
         return self._counts.get(backend, 0)
+
+    def backends(self) -> list[str]:
+        return list(self._counts)
 
     def reset_worker(self, index: int) -> None:
         """There is one worker: every count is its."""

@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.recorder import NULL_RECORDER, Recorder
+
 log = logging.getLogger("extproc.load")
 
 WAITING = "vllm:num_requests_waiting"
@@ -304,9 +306,11 @@ class LoadScraper:
         timeout_s: float = 1.0,
         stale_after_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        recorder: Recorder = NULL_RECORDER,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0 or stale_after_s <= 0:
             raise ValueError("interval_s, timeout_s and stale_after_s must be positive")
+        self._recorder = recorder
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._stale_after_s = stale_after_s
@@ -346,6 +350,9 @@ class LoadScraper:
         for backend in backends:
             backend.reconcile()
         await asyncio.gather(*(self._scrape(pod) for b in backends for pod in b.pods.values()))
+        for name, load in self.snapshot().items():
+            waiting = None if load.waiting_per_pod is None else load.waiting_per_pod * load.pods
+            self._recorder.backend_load(name, waiting, load.running, load.kv_cache)
 
     async def run(self) -> None:
         """Scrape every interval until cancelled."""

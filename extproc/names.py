@@ -14,6 +14,19 @@ DEFAULT_BACKEND_HEADER: Final = "x-llm-backend"
 
 # Set by the fake vLLM (and useful in any upstream) to show who answered.
 SERVED_BY: Final = "x-served-by"
+# The version that served a response (policy `observability.version_header` renames it).
+MODEL_VERSION: Final = "x-model-version"
+# Response attributes Envoy is asked for (ext_proc `response_attributes`), to tell which version
+# served when the upstream sends no version header. Istio names a DestinationRule subset's cluster
+# `outbound|PORT|SUBSET|HOST`, and puts `NAME;NAMESPACE;SERVICE;REVISION;CLUSTER` in the endpoint's
+# `istio` metadata, REVISION being the pod's canonical revision (its `version` label by default).
+# Both checked on Envoy 1.40: they arrive with the response headers, as strings.
+ATTRIBUTES_NAMESPACE: Final = "envoy.filters.http.ext_proc"
+WORKLOAD_ATTRIBUTE: Final = "xds.upstream_host_metadata.filter_metadata['istio']['workload']"
+CLUSTER_ATTRIBUTE: Final = "xds.cluster_name"
+VERSION_ATTRIBUTES: Final = (WORKLOAD_ATTRIBUTE, CLUSTER_ATTRIBUTE)
+# Envoy's request id, the access log's key.
+REQUEST_ID: Final = "x-request-id"
 
 JSON_CONTENT_TYPE: Final = "application/json"
 SSE_CONTENT_TYPE: Final = "text/event-stream"

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from extproc import names
+
 Endpoint = Literal["chat", "completions", "embeddings"]
 CapAction = Literal["clamp", "reject"]
 
@@ -127,7 +129,9 @@ class GatewayPolicy(_Strict):
 
 
 TokenCounts = Literal["input", "output", "total"]
+# In priority order, highest first: the routing module derives the priorities from this order.
 TrafficClass = Literal["interactive", "batch", "experimental"]
+TRAFFIC_CLASSES: tuple[str, ...] = TrafficClass.__args__  # type: ignore[attr-defined]
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -305,6 +309,12 @@ class QueuePolicy(_Strict):
     max_length: int = Field(default=64, ge=0)
 
 
+class ObservabilityPolicy(_Strict):
+    # The response header naming the version that served a response (a pod label the upstream or
+    # the mesh adds). Versions are labels of the rollout metrics, so only a few per backend are kept.
+    version_header: str = Field(default=names.MODEL_VERSION, pattern=_HEADER_NAME.pattern)
+
+
 class Policy(_Strict):
     version: Literal[1] = 1
     gateway: GatewayPolicy = Field(default_factory=GatewayPolicy)
@@ -317,6 +327,7 @@ class Policy(_Strict):
     routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
     load: LoadPolicy = Field(default_factory=LoadPolicy)
     queue: QueuePolicy = Field(default_factory=QueuePolicy)
+    observability: ObservabilityPolicy = Field(default_factory=ObservabilityPolicy)
 
     @model_validator(mode="after")
     def _check_references(self) -> Policy:

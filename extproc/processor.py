@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from enum import Enum
 from typing import TypeAlias
@@ -19,12 +20,15 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
-from extproc import metrics, names, wire
+from extproc import codes, errors, names, wire
+from extproc.access_log import DEBUG_PROMPT_BYTES, AccessLog
 from extproc.admission import AdmissionQueue, Shed, Slot
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.errors import GatewayError
 from extproc.load import BackendLoad
 from extproc.quota.service import QuotaService, Reservation
+from extproc.recorder import NULL_RECORDER, Recorder, RequestRecord
+from extproc.routing import CLASS_PRIORITY
 from extproc.saturation import queue_shed_error
 
 log = logging.getLogger("extproc.request")
@@ -117,9 +121,9 @@ def _headers(message: pb.HttpHeaders, wanted: frozenset[str]) -> dict[str, str]:
     return headers
 
 
-def _status_and_content_type(message: pb.HttpHeaders) -> tuple[int, str]:
-    """The two response headers the watcher needs, without decoding the others."""
-    status, content_type = 0, ""
+def _response_head(message: pb.HttpHeaders, version_header: str) -> tuple[int, str, str | None]:
+    """The response headers the watcher and the record need, without decoding the others."""
+    status, content_type, version = 0, "", None
     for header in message.headers.headers:
         key = header.key
         if key == names.STATUS:
@@ -127,12 +131,34 @@ def _status_and_content_type(message: pb.HttpHeaders) -> tuple[int, str]:
             status = int(value) if value.isdigit() else 0
         elif key == names.CONTENT_TYPE:
             content_type = header.raw_value.decode("latin-1")
-    return status, content_type
+        elif key == version_header:
+            version = header.raw_value[:_MAX_VERSION_BYTES].decode("latin-1")
+    return status, content_type, version
+
+
+_MAX_VERSION_BYTES = 64
+
+
+def version_from_attributes(request: pb.ProcessingRequest) -> str | None:
+    """The served version from what Envoy knows of the upstream host (see names.VERSION_ATTRIBUTES)."""
+    if names.ATTRIBUTES_NAMESPACE not in request.attributes:
+        return None
+    fields = request.attributes[names.ATTRIBUTES_NAMESPACE].fields
+    workload = fields.get(names.WORKLOAD_ATTRIBUTE)
+    if workload is not None:
+        parts = workload.string_value.split(";")
+        if len(parts) >= 4 and parts[3]:
+            return parts[3][:_MAX_VERSION_BYTES]
+    cluster = fields.get(names.CLUSTER_ATTRIBUTE)
+    if cluster is not None:
+        parts = cluster.string_value.split("|")
+        if len(parts) == 4 and parts[0] == "outbound" and parts[2]:
+            return parts[2][:_MAX_VERSION_BYTES]
+    return None
 
 
 def _internal_error(message: str) -> pb.ProcessingResponse:
-    error = GatewayError(500, message, type="server_error", code="internal_error")
-    return immediate(Reply.from_error(error))
+    return immediate(Reply.from_error(errors.internal_error(message)))
 
 
 class Phase(Enum):
@@ -167,6 +193,7 @@ class RequestStream:
     """Per-request state: what has been seen, what was decided, what the response showed."""
 
     __slots__ = (
+        "access_log",
         "admission",
         "gateway",
         "loads",
@@ -174,6 +201,8 @@ class RequestStream:
         "phase",
         "queue",
         "quotas",
+        "record",
+        "recorder",
         "reservation",
         "slot",
         "watcher",
@@ -185,45 +214,61 @@ class RequestStream:
         quotas: QuotaService | None = None,
         loads: LoadView | None = None,
         queue: AdmissionQueue | None = None,
+        recorder: Recorder = NULL_RECORDER,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.gateway = gateway  # the policy in force when the stream began: a reload never changes it midway
         self.quotas = quotas
         self.loads = loads
         self.queue = queue
+        self.recorder = recorder
+        self.access_log = access_log
         self.slot: Slot | None = None
         self.phase = Phase.REQUEST_HEADERS
         self.need: NeedBody | None = None
         self.admission: Admission | None = None
         self.reservation: Reservation | None = None
         self.watcher: ResponseWatcher | None = None
+        self.record: RequestRecord | None = None  # None: not a request we decide (passthrough)
 
     async def handle(self, request: pb.ProcessingRequest) -> Wire:
         kind = request.WhichOneof("request")
         if self.phase not in _ACCEPTS.get(kind or "", ()):
             return self._out_of_phase(kind or "")
-        if kind == "request_headers":
-            return self._on_request_headers(request.request_headers)
         if kind == "request_body":
             return await self._on_request_body(request.request_body)
-        if kind == "response_headers":
-            return self._on_response_headers(request.response_headers)
-        if kind == "response_body":
-            return self._on_response_body(request.response_body)
-        if kind == "request_trailers":
+        started = time.perf_counter()
+        if kind == "request_headers":
+            response = self._on_request_headers(request.request_headers, started)
+        elif kind == "response_headers":
+            response = self._on_response_headers(request)
+        elif kind == "response_body":
+            response = self._on_response_body(request.response_body, started)
+        elif kind == "request_trailers":
             return _CONTINUE_REQUEST_TRAILERS
-        return _CONTINUE_RESPONSE_TRAILERS
+        else:
+            return _CONTINUE_RESPONSE_TRAILERS
+        if self.record is not None:
+            self.recorder.phase_time(kind, time.perf_counter() - started)
+        return response
 
-    def _on_request_headers(self, message: pb.HttpHeaders) -> Wire:
+    def _on_request_headers(self, message: pb.HttpHeaders, started: float) -> Wire:
         headers = _headers(message, self.gateway.request_header_names)
         verdict = self.gateway.on_request_headers(headers, message.end_of_stream)
         if isinstance(verdict, NeedBody):
             self.need = verdict
             self.phase = Phase.REQUEST_BODY
+            self.record = _record_for(verdict, headers, started)
             return _CONTINUE_REQUEST_HEADERS
         self.phase = Phase.DONE
         if isinstance(verdict, Reply):
-            if verdict.status >= 400:
-                metrics.count_request("-", "-", verdict.code)
+            record = self.record = _record_for(None, headers, started)
+            record.endpoint = _endpoint_of(headers)
+            record.status = verdict.status
+            if verdict.error is not None:
+                _refused(record, verdict.error)
+            else:
+                record.outcome = "ok"
             return immediate(verdict)
         if not verdict.strip_headers:
             return _CONTINUE_PASSTHROUGH
@@ -231,49 +276,56 @@ class RequestStream:
         return wire.reply("request_headers", mutation, clear_route_cache=True) + _PASSTHROUGH_OVERRIDE
 
     async def _on_request_body(self, message: pb.HttpBody) -> Wire:
-        need = self.need
-        assert need is not None  # the phase says the headers asked for this body
-        endpoint = need.translator.endpoint
+        need, record = self.need, self.record
+        assert need is not None and record is not None  # the phase says the headers asked for this body
         gateway = self.gateway
+        recorder = self.recorder
+        started = time.perf_counter()
         loads = self.loads() if self.loads is not None else _NO_LOADS
         admission: Admission | None = None
         body = message.body  # each read of a protobuf bytes field is a fresh copy
+        if self.access_log is not None and self.access_log.include_prompts:
+            record.prompt_text = body[:DEBUG_PROMPT_BYTES].decode("utf-8", "replace")
         try:
-            if len(body) < OFFLOAD_BODY_BYTES:
-                admission = gateway.on_request_body(need, body, loads)
-            else:
-                # Counting a long prompt takes tens of milliseconds; the tokenizers release the GIL
-                # while they work, so in a thread it no longer stalls every other stream on the loop.
-                admission = await asyncio.to_thread(gateway.on_request_body, need, body, loads)
+            try:
+                if len(body) < OFFLOAD_BODY_BYTES:
+                    admission = gateway.on_request_body(need, body, loads, record)
+                else:
+                    # Counting a long prompt takes tens of milliseconds; the tokenizers release the GIL
+                    # while they work, so in a thread it no longer stalls every other stream on the loop.
+                    admission = await asyncio.to_thread(gateway.on_request_body, need, body, loads, record)
+            finally:
+                decided = time.perf_counter()
+                recorder.phase_time("request_body", decided - started)
             if self.quotas is not None and admission.identity is not None:
-                self.reservation = await self.quotas.admit(
-                    admission.identity,
-                    admission.model.name,
-                    admission.prompt_tokens,
-                    admission.completion_tokens,
-                    gateway.quota_planner,
-                )
+                try:
+                    self.reservation = await self.quotas.admit(
+                        admission.identity,
+                        admission.model.name,
+                        admission.prompt_tokens,
+                        admission.completion_tokens,
+                        gateway.quota_planner,
+                    )
+                finally:
+                    reserved = time.perf_counter()
+                    recorder.phase_time("quota", reserved - decided)
+            else:
+                reserved = decided
             if self.queue is not None:
-                self.slot = await self._take_slot(admission)
+                try:
+                    self.slot = await self._take_slot(admission)
+                finally:
+                    record.queue_s = time.perf_counter() - reserved
         except GatewayError as exc:
             self.phase = Phase.DONE
-            model = admission.model.name if admission is not None else "-"
-            metrics.count_request(model, endpoint, exc.code)
-            if log.isEnabledFor(logging.INFO):
-                identity = need.identity
-                tenant = identity.tenant.name if identity is not None else "-"
-                log.info(
-                    "refused endpoint=%s model=%s tenant=%s status=%d code=%s",
-                    endpoint,
-                    model,
-                    tenant,
-                    exc.status,
-                    exc.code,
-                )
+            record.status = exc.status
+            _refused(record, exc)
             return immediate(Reply.from_error(exc))
         self.admission = admission
         self.phase = Phase.UPSTREAM
-        metrics.count_request(admission.model.name, endpoint, "ok")
+        record.stream = admission.stream
+        record.completion_cap = admission.completion_tokens
+        record.notes = admission.notes
         return _admitted_reply(admission)
 
     async def _take_slot(self, admission: Admission) -> Slot:
@@ -297,9 +349,12 @@ class RequestStream:
                 admission.traffic_class, target.backend, shed.reason, queue_policy.max_wait_ms
             ) from None
 
-    def _on_response_headers(self, message: pb.HttpHeaders) -> Wire:
-        assert self.admission is not None  # the phase is UPSTREAM only once admitted
-        status, content_type = _status_and_content_type(message)
+    def _on_response_headers(self, request: pb.ProcessingRequest) -> Wire:
+        assert self.admission is not None and self.record is not None  # UPSTREAM only once admitted
+        message = request.response_headers
+        status, content_type, version = _response_head(message, self.gateway.version_header)
+        self.record.status = status
+        self.record.version = version if version is not None else version_from_attributes(request)
         self.watcher = ResponseWatcher(self.admission)
         mode = self.watcher.on_headers(status, content_type)
         done = mode is BodyMode.NONE or message.end_of_stream
@@ -309,8 +364,11 @@ class RequestStream:
         mutation = wire.header_mutation(self.reservation.rate_limit_headers())
         return wire.reply("response_headers", mutation, mode_override=b"" if done else _MODE_OVERRIDES[mode])
 
-    def _on_response_body(self, message: pb.HttpBody) -> Wire:
-        assert self.watcher is not None  # set with the response headers that chose a body mode
+    def _on_response_body(self, message: pb.HttpBody, started: float) -> Wire:
+        assert self.watcher is not None and self.record is not None  # set with the headers that chose a mode
+        record = self.record
+        if record.ttft_s is None and record.stream:
+            record.ttft_s = started - record.started
         replacement = self.watcher.on_body(message.body, message.end_of_stream)
         if message.end_of_stream:
             self.phase = Phase.DONE
@@ -324,6 +382,7 @@ class RequestStream:
         log.warning("ext_proc message %s arrived in phase %s", kind or "(empty)", self.phase.value)
         if kind in ("request_headers", "request_body") and self.admission is None:
             self.phase = Phase.DONE
+            self._internal_failure()
             return _internal_error("The gateway received the request out of order and refused it.")
         # The request is already decided (or its response has begun): the response goes on unchanged.
         return _CONTINUE_BY_KIND.get(kind, _CONTINUE_RESPONSE_TRAILERS)
@@ -333,8 +392,14 @@ class RequestStream:
         kind = request.WhichOneof("request")
         if kind in ("request_headers", "request_body"):
             self.phase = Phase.DONE
+            self._internal_failure()
             return _internal_error("The gateway failed to process the request.")
         return _CONTINUE_BY_KIND.get(kind or "", _CONTINUE_RESPONSE_TRAILERS)
+
+    def _internal_failure(self) -> None:
+        record = self.record
+        if record is not None and record.outcome is None:
+            record.status, record.code, record.outcome, record.refused = 500, "internal_error", "internal_error", True
 
     def final_usage(self) -> tuple[int, int]:
         """What the request really cost; an estimate from what was seen when usage never came."""
@@ -350,52 +415,80 @@ class RequestStream:
         return self.admission.prompt_tokens, min(watcher.events_seen, self.admission.completion_tokens)
 
     def finish(self) -> tuple[Reservation, int, int] | None:
-        """The stream is over, finished or cut short: count and log the cost; return what to settle."""
+        """The stream is over, finished or cut short: record and log it; return what to settle."""
         if self.slot is not None and self.queue is not None:
             self.queue.release(self.slot)
             self.slot = None
+        settlement: tuple[Reservation, int, int] | None = None
+        prompt = completion = 0
         if self.admission is None:
-            # Reserved, then failed before admission completed (an error of ours): give it all back.
+            # Reserved, then failed before admission completed (an error of ours, or the client
+            # left while queued): give it all back.
             reservation, self.reservation = self.reservation, None
-            return (reservation, 0, 0) if reservation is not None else None
-        prompt, completion = self.final_usage()
-        settlement = (self.reservation, prompt, completion) if self.reservation is not None else None
-        model = self.admission.model.name
-        identity = self.admission.identity
-        tenant = identity.tenant.name if identity is not None else "-"
-        metrics.count_usage(model, tenant, prompt, completion)
-        watcher = self.watcher
-        if watcher is not None and watcher.status:
-            metrics.count_response(model, watcher.status)
-        if log.isEnabledFor(logging.INFO):
-            self._log_end(watcher, prompt, completion)
+            settlement = (reservation, 0, 0) if reservation is not None else None
+        else:
+            prompt, completion = self.final_usage()
+            if self.reservation is not None:
+                settlement = (self.reservation, prompt, completion)
+        record = self.record
+        if record is not None:
+            self._close_record(record, prompt, completion)
+            self.recorder.request_done(record)
+            if self.access_log is not None:
+                self.access_log.write(record)
         return settlement
 
-    def _log_end(self, watcher: ResponseWatcher | None, prompt: int, completion: int) -> None:
-        """The request's one access line: what was decided at admission and what the response cost."""
-        admission = self.admission
-        assert admission is not None
-        identity = admission.identity
+    def _close_record(self, record: RequestRecord, prompt: int, completion: int) -> None:
+        record.duration_s = time.perf_counter() - record.started
+        if record.outcome is not None:
+            return  # refused or answered by the gateway itself
+        if self.admission is None:
+            record.outcome = "cancelled"  # the client left before the decision (while queued, say)
+            return
+        watcher = self.watcher
+        record.prompt_tokens, record.completion_tokens = prompt, completion
         if watcher is None or watcher.status == 0:
-            usage = "none"
+            record.outcome = "cancelled"  # the client left before any response
+            return
+        record.usage = "reported" if watcher.usage is not None else "estimated"
+        if watcher.signals is not None:
+            record.json_result, record.tool_calls_valid, record.tool_calls_invalid = watcher.signals.finish()
+            record.finish_reasons = watcher.signals.finish_reasons
+        if watcher.status >= 300:
+            record.outcome = codes.outcome_for_status(watcher.status)
+        elif self.phase is Phase.DONE:
+            record.outcome = "ok"
         else:
-            usage = "reported" if watcher.usage is not None else "estimated"
-        log.info(
-            "request endpoint=%s model=%s backend=%s tenant=%s stream=%s status=%d phase=%s "
-            "prompt_tokens=%d completion_tokens=%d usage=%s max_completion_tokens=%d%s",
-            admission.endpoint,
-            admission.model.name,
-            admission.target.subset,
-            identity.tenant.name if identity is not None else "-",
-            admission.stream,
-            watcher.status if watcher is not None else 0,
-            self.phase.value,
-            prompt,
-            completion,
-            usage,
-            admission.completion_tokens,
-            "".join(f" [{note}]" for note in admission.notes),
-        )
+            record.outcome = "cancelled"  # the stream ended before its last chunk
+
+
+def _record_for(need: NeedBody | None, headers: dict[str, str], started: float) -> RequestRecord:
+    record = RequestRecord(started, time.time(), request_id=headers.get(names.REQUEST_ID))
+    requested = headers.get(names.TRAFFIC_CLASS)
+    if requested in CLASS_PRIORITY:
+        record.requested_class = requested
+    if need is not None:
+        record.endpoint = need.translator.endpoint
+        record.traffic_class = need.traffic_class
+        record.quality = need.quality
+        identity = need.identity
+        if identity is not None:
+            record.tenant, record.tier, record.key = identity.tenant.name, identity.tenant.tier, identity.key_name
+    return record
+
+
+def _endpoint_of(headers: dict[str, str]) -> str:
+    path = headers.get(names.PATH, "/").split("?", 1)[0]
+    return "models" if path == names.MODELS else _ENDPOINTS.get(path, "other")
+
+
+_ENDPOINTS = {names.CHAT_COMPLETIONS: "chat", names.COMPLETIONS: "completions", names.EMBEDDINGS: "embeddings"}
+
+
+def _refused(record: RequestRecord, error: GatewayError) -> None:
+    record.refused = True
+    record.code = error.reason
+    record.outcome = error.kind.outcome
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
@@ -405,17 +498,21 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         quotas: QuotaService | None = None,
         loads: LoadView | None = None,
         queue: AdmissionQueue | None = None,
+        recorder: Recorder = NULL_RECORDER,
+        access_log: AccessLog | None = None,
     ) -> None:
         # Replaced whole by a reload (one assignment); each stream keeps the one it began with.
         self.gateway = gateway
         self.quotas = quotas
         self.loads = loads
         self.queue = queue
+        self.recorder = recorder
+        self.access_log = access_log
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Wire]:
-        stream = RequestStream(self.gateway, self.quotas, self.loads, self.queue)
+        stream = RequestStream(self.gateway, self.quotas, self.loads, self.queue, self.recorder, self.access_log)
         try:
             async for request in request_iterator:
                 try:

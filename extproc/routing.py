@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from extproc.policy import Policy, Range, RulePolicy
+from extproc.codes import ErrorCode
+from extproc.errors import rule_code
+from extproc.policy import TRAFFIC_CLASSES, Policy, Range, RulePolicy
 
 # Shedding and queueing order: a lower number goes first and is shed last.
-CLASS_PRIORITY: dict[str, int] = {"interactive": 0, "batch": 1, "experimental": 2}
+CLASS_PRIORITY: dict[str, int] = {name: rank for rank, name in enumerate(TRAFFIC_CLASSES)}
+CLASS_OF_PRIORITY: dict[int, str] = {rank: name for name, rank in CLASS_PRIORITY.items()}
 _NO_LIMIT = 1 << 62
 _MEMO_MAX = 4096
 
@@ -57,10 +60,17 @@ class RouteTo:
 
 @dataclass(frozen=True, slots=True)
 class RejectWith:
-    status: int
-    code: str
+    kind: ErrorCode  # the rule's status and code, registered as the policy compiled
     message: str
     rule: str
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    @property
+    def code(self) -> str:
+        return self.kind.code
 
 
 Action = RouteTo | RejectWith
@@ -116,7 +126,8 @@ def _compile_rule(rule: RulePolicy, canonical_names: frozenset[str]) -> _Rule:
         action = RouteTo(rule.backend, rule.name)
     else:
         assert rule.reject is not None
-        action = RejectWith(rule.reject.status, rule.reject.code, rule.reject.message, rule.name)
+        reject = rule.reject
+        action = RejectWith(rule_code(reject.status, reject.code), reject.message, rule.name)
     models = _optional_set(match.models)
     return _Rule(
         name=rule.name,

@@ -9,21 +9,27 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from extproc import metrics
+from extproc.access_log import AccessLog
 from extproc.admission import AdmissionQueue
 from extproc.compiled import CompiledPolicy, compile_policy
 from extproc.inflight import InFlightCounter, LocalInFlight, SharedInFlight
 from extproc.load import BackendLoad, BackendTargets, LoadScraper
 from extproc.policy import Policy
 from extproc.quota.service import QuotaService
+from extproc.recorder import NULL_RECORDER, Recorder
 from extproc.reload import Fingerprint, PolicyWatcher
 
 log = logging.getLogger("extproc.server")
 
 HEALTH_SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+_METRICS_PROCESS = -1  # the supervisor's child that serves the replica's /metrics
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,10 @@ class ServeOptions:
     workers: int = 1
     grace_seconds: float = 30.0
     redis_url: str | None = None
-    metrics_port: int | None = None  # worker i serves on metrics_port + i
+    metrics_port: int | None = None  # one /metrics for the replica, summing every worker
+    metrics_dir: str | None = None  # where workers write their metric files; set by `serve` when None
+    access_log: str = "stdout"  # stdout, stderr, off, or a file path
+    access_log_prompts: bool = False  # debug only: the request body goes into the access log
     policy_path: str | None = None  # watched for changes (and re-read on SIGHUP); None: no reload
     # Metrics URLs for backends whose policy names no load source (the local stack's fakes).
     load_urls: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -70,7 +79,7 @@ class CachedLoads:
         return self._snapshot
 
 
-def build_quota_service(policy: Policy, redis_url: str | None) -> QuotaService:
+def build_quota_service(policy: Policy, redis_url: str | None, recorder: Recorder = NULL_RECORDER) -> QuotaService:
     """Redis when a URL is given, else this process's memory. Built even without tenants, so a
     reload that adds tenants finds it ready (without tenants nothing ever calls it)."""
     from extproc.quota.memory import MemoryStore
@@ -80,8 +89,7 @@ def build_quota_service(policy: Policy, redis_url: str | None) -> QuotaService:
     from extproc.quota.redis_store import RedisStore
     from extproc.quota.resilient import ResilientStore
 
-    store = ResilientStore(RedisStore(redis_url), on_failure=policy.quotas.on_store_failure)
-    metrics.QUOTA_PENDING.set_function(lambda: store.pending)
+    store = ResilientStore(RedisStore(redis_url), on_failure=policy.quotas.on_store_failure, recorder=recorder)
     return QuotaService(store)
 
 
@@ -106,28 +114,39 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     from extproc.processor import ExternalProcessor
     from extproc.wire import add_processor_to_server
 
-    if options.metrics_port:
-        from extproc.metrics import serve_metrics
-
-        serve_metrics(options.metrics_port + worker_index)
+    recorder: Recorder = NULL_RECORDER
+    files: metrics.MetricFiles | None = None
+    if options.metrics_dir is not None:
+        files = metrics.MetricFiles(Path(options.metrics_dir), metrics.worker_identity(worker_index))
+        recorder = metrics.GatewayMetrics(files)
+    access_log = AccessLog.open(options.access_log, include_prompts=options.access_log_prompts)
+    if access_log is not None and access_log.include_prompts:
+        log.warning("the access log includes request bodies (prompt text): a debug switch, never for production")
     loop = asyncio.get_running_loop()
     # Tokenizers and key files are read off the loop, as a reload reads them.
     compiled = await asyncio.to_thread(compile_policy, options.policy)
     gateway = Gateway(compiled)
-    quotas = build_quota_service(options.policy, options.redis_url)
+    recorder.policy_loaded(compiled.digest, options.policy.backends)
+    quotas = build_quota_service(options.policy, options.redis_url, recorder)
     scraper = LoadScraper(
         load_targets(options.policy, options.load_urls),
         interval_s=options.policy.load.scrape_interval_ms / 1000,
         timeout_s=options.policy.load.scrape_timeout_ms / 1000,
         stale_after_s=options.policy.load.stale_after_ms / 1000,
+        recorder=recorder,
     )
     scraper.start()
-    queue = AdmissionQueue(options.in_flight or LocalInFlight())
-    processor = ExternalProcessor(gateway, quotas, CachedLoads(scraper), queue)
+    in_flight = options.in_flight or LocalInFlight()
+    queue = AdmissionQueue(in_flight, recorder=recorder)
+    if options.metrics_port and options.metrics_dir is not None and options.workers <= 1:
+        # One process: it serves its own /metrics (a supervisor runs a metrics process instead).
+        metrics.serve_metrics(options.metrics_port, replica_registry(Path(options.metrics_dir), in_flight))
+    processor = ExternalProcessor(gateway, quotas, CachedLoads(scraper), queue, recorder, access_log)
 
     def apply(new: CompiledPolicy) -> None:
         # One assignment: streams already running keep the gateway they began with.
         processor.gateway = Gateway(new)
+        recorder.policy_loaded(new.digest, new.policy.backends)
         scraper.set_targets(load_targets(new.policy, options.load_urls))
         scraper.configure(
             interval_s=new.policy.load.scrape_interval_ms / 1000,
@@ -141,7 +160,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
             options.policy_path,
             options.policy,
             apply,
-            metrics.count_reload,
+            lambda result: recorder.policy_reload(result.ok),
             options.reload_interval_s,
             options.policy_fingerprint,
         )
@@ -170,7 +189,16 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     await server.stop(options.grace_seconds)
     await scraper.stop()
     await quotas.close()  # settlements in flight are written (or kept queued) before exit
+    if access_log is not None:
+        access_log.flush()
+    if files is not None:
+        files.close()
     log.info("stopped")
+
+
+def replica_registry(directory: Path, in_flight: InFlightCounter) -> metrics.CollectorRegistry:
+    """What the replica's /metrics shows: every worker's files, summed, and the shared in-flight counts."""
+    return metrics.metrics_registry(directory, [metrics.InFlightCollector(in_flight.backends, in_flight.total)])
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -188,15 +216,32 @@ def run_worker(options: ServeOptions, worker_index: int = 0) -> None:
 
 
 def serve(options: ServeOptions) -> int:
+    if options.metrics_port and options.metrics_dir is None:
+        # The files of this replica's workers; emptied at start, so an earlier run is never summed in.
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="extproc-metrics-")
+        options = dataclasses.replace(options, metrics_dir=directory)
+    if options.metrics_dir is not None:
+        metrics.prepare_directory(Path(options.metrics_dir))
     if options.workers <= 1:
         run_worker(options)
         return 0
     return _supervise(options)
 
 
+def _serve_replica_metrics(options: ServeOptions, in_flight: InFlightCounter) -> None:
+    """The metrics process of a supervised replica: /metrics until SIGTERM."""
+    assert options.metrics_port and options.metrics_dir is not None
+    metrics.serve_metrics(options.metrics_port, replica_registry(Path(options.metrics_dir), in_flight))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+
+
 def _supervise(options: ServeOptions) -> int:
     """Fork N workers sharing the port (SO_REUSEPORT); restart any that die unexpectedly."""
-    children: dict[int, int] = {}  # pid -> worker index
+    children: dict[int, int] = {}  # pid -> worker index (METRICS_PROCESS for the metrics server)
     stopping = False
     # In-flight counts per backend shared by every worker, so a cap holds for the replica.
     in_flight = SharedInFlight.create(options.workers)
@@ -211,6 +256,9 @@ def _supervise(options: ServeOptions) -> int:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 0
             try:
+                if index == _METRICS_PROCESS:
+                    _serve_replica_metrics(options, in_flight)
+                    os._exit(0)
                 in_flight.bind_worker(index)
                 run_worker(options, index)
             except BaseException:
@@ -238,6 +286,8 @@ def _supervise(options: ServeOptions) -> int:
     signal.signal(signal.SIGHUP, forward_reload)
     for index in range(options.workers):
         spawn(index)
+    if options.metrics_port:
+        spawn(_METRICS_PROCESS)
     log.info("started %d workers on %s", options.workers, options.listen)
     exit_code = 0
     while children:
@@ -251,8 +301,12 @@ def _supervise(options: ServeOptions) -> int:
             continue
         index = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
-        # Slots the dead worker held come back before its replacement starts.
-        in_flight.reset_worker(index)
+        if index != _METRICS_PROCESS:
+            # Slots the dead worker held come back before its replacement starts, and its live
+            # gauges go; its counters stay, and the replacement counts on from them.
+            in_flight.reset_worker(index)
+            if options.metrics_dir is not None:
+                metrics.clear_worker(Path(options.metrics_dir), index)
         if not stopping:
             log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
             time.sleep(0.5)  # a worker that dies at start must not spin the CPU

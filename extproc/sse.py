@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
+
+from extproc.signals import ContentSignals
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 # Only events that carry a usage object are parsed; every other chunk is a byte scan.
 _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+# With rollout signals on, also the chunks that end a choice, carry content or carry tool calls.
+_HAS_FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
 
 
 @dataclass(slots=True)
@@ -41,11 +46,14 @@ def usage_from_object(obj: object) -> Usage | None:
     return Usage(prompt, completion or 0)
 
 
-def usage_from_json_body(body: bytes) -> Usage | None:
+def usage_from_json_body(body: bytes, signals: ContentSignals | None = None) -> Usage | None:
     try:
-        return usage_from_object(orjson.loads(body))
+        obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
+    if signals is not None:
+        signals.from_body(obj)
+    return usage_from_object(obj)
 
 
 def _event_data(event: bytes) -> bytes:
@@ -56,8 +64,13 @@ def _event_data(event: bytes) -> bytes:
 class SseUsageReader:
     """Feed it response chunks in order; it says what to send on to the client."""
 
-    def __init__(self, hide_usage_event: bool, max_pending_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, hide_usage_event: bool, max_pending_bytes: int = 1 << 20, signals: ContentSignals | None = None
+    ) -> None:
         self.hide_usage_event = hide_usage_event
+        self.signals = signals
+        self._wants_content = signals is not None and signals.json_mode
+        self._wants_tools = signals is not None and signals.tools
         self.max_pending_bytes = max_pending_bytes
         self.usage: Usage | None = None
         self.events = 0
@@ -76,7 +89,13 @@ class SseUsageReader:
             event = data[last_end : match.end()]
             last_end = match.end()
             self.events += 1
-            if _HAS_USAGE.search(event) and self._take_usage(event) and self.hide_usage_event:
+            if self.signals is not None and self._wanted(event):
+                obj = self._parse(event)
+                self.signals.feed_chunk(obj)
+                if self._take_usage(obj) and self.hide_usage_event:
+                    dropped = True
+                    continue
+            elif _HAS_USAGE.search(event) and self._take_usage(self._parse(event)) and self.hide_usage_event:
                 dropped = True
                 continue
             kept.append(event)
@@ -97,12 +116,23 @@ class SseUsageReader:
             return None
         return b"".join(kept)
 
-    def _take_usage(self, event: bytes) -> bool:
-        """Record usage; True when the event is the usage-only chunk (no choices)."""
+    def _wanted(self, event: bytes) -> bool:
+        return (
+            _HAS_USAGE.search(event) is not None
+            or _HAS_FINISH.search(event) is not None
+            or (self._wants_content and b'"content"' in event)
+            or (self._wants_tools and b'"tool_calls"' in event)
+        )
+
+    @staticmethod
+    def _parse(event: bytes) -> Any:
         try:
-            obj = orjson.loads(_event_data(event))
+            return orjson.loads(_event_data(event))
         except orjson.JSONDecodeError:
-            return False
+            return None  # `[DONE]`, or not JSON at all
+
+    def _take_usage(self, obj: Any) -> bool:
+        """Record usage; True when the event is the usage-only chunk (no choices)."""
         usage = usage_from_object(obj)
         if usage is None:
             return False

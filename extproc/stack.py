@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import random
 import shutil
@@ -175,6 +176,9 @@ class LocalStack:
     # See EnvoySetup. None: 4 when workers > 1, so the kernel has connections to spread over them.
     extproc_streams_per_connection: int | None = None
     serve_args: tuple[str, ...] = ()  # extra `extproc serve` flags
+    metrics_port: int | None = None  # the gateway's /metrics (replica 1), summing all its workers
+    # The version each fake vLLM names in its x-model-version header, by backend (as pod labels would).
+    upstream_versions: dict[str, str] = field(default_factory=dict)
     # The fake vLLMs' ports: consecutive from here in the policy's backend order (`extproc dev`, so
     # the README can name them); None: free ports.
     upstream_base_port: int | None = None
@@ -197,6 +201,10 @@ class LocalStack:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.listen_port}/v1"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None
 
     @property
     def origin(self) -> str:
@@ -233,6 +241,8 @@ class LocalStack:
             self.upstreams.append(Upstream(subset, port))
             load_urls += ["--load-url", f"{backend}=http://127.0.0.1:{port}/metrics"]
             argv = self._python("fake-vllm", "--port", str(port), "--name", subset)
+            if backend in self.upstream_versions:
+                argv += ["--state", json.dumps({"version": self.upstream_versions[backend]})]
             if self.token_delay_ms:
                 argv += ["--token-delay-ms", str(self.token_delay_ms)]
             waits.append((self._add(f"vllm-{subset}", argv), f"http://127.0.0.1:{port}/health"))
@@ -263,6 +273,8 @@ class LocalStack:
                     argv += ["--redis-url", self.redis_url]
                 if self.extproc_source is None:
                     argv += [*load_urls, *self.serve_args]
+                    if self.metrics_port and replica == 0:
+                        argv += ["--metrics-port", str(self.metrics_port)]
             name = "extproc" if replica == 0 else f"extproc-{replica + 1}"
             waits.append((self._add(name, argv, self.extproc_source), port))
         config = self.work_dir / "envoy.yaml"

@@ -22,6 +22,7 @@ if [ "${1:-}" = "--system" ]; then
   missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # server + promtool: scrape and alert-rule tests
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO=sudo

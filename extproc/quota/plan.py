@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Literal
 
-from extproc import names
+from extproc import codes, names
 from extproc.errors import GatewayError, retry_headers
 from extproc.identity import Identity
 from extproc.policy import LimitSpec, TokenCounts
@@ -254,11 +254,9 @@ def refusal(plan: QuotaPlan, result: AdmitResult) -> GatewayError:
         period = "daily" if denied.metric == "day" else "monthly"
         headers[names.SHOULD_RETRY] = "false"
         return GatewayError(
-            429,
+            codes.INSUFFICIENT_QUOTA,
             f"You exceeded your {period} token budget{scope}: limit {limit}, used {used}, requested "
             f"{requested}. It resets in {format_duration(reset_ms)}.",
-            type="insufficient_quota",
-            code="insufficient_quota",
             headers=headers,
         )
     kind = "tokens" if denied.metric == "tokens" else "requests"
@@ -266,11 +264,10 @@ def refusal(plan: QuotaPlan, result: AdmitResult) -> GatewayError:
         # It can never fit: retrying cannot help.
         headers[names.SHOULD_RETRY] = "false"
         return GatewayError(
-            429,
+            codes.RATE_LIMIT_EXCEEDED,
             f"Request too large{scope} on tokens per min (TPM): Limit {limit}, Requested {requested}. "
             "Lower max_tokens or the prompt.",
             type=kind,
-            code="rate_limit_exceeded",
             headers=headers,
         )
     wait_ms = reset_ms
@@ -281,10 +278,9 @@ def refusal(plan: QuotaPlan, result: AdmitResult) -> GatewayError:
         "concurrency": "concurrent requests",
     }[denied.metric]
     return GatewayError(
-        429,
+        codes.RATE_LIMIT_EXCEEDED,
         f"Rate limit reached{scope} on {label}: Limit {limit}, Used {used}, Requested {requested}. "
         f"Please try again in {format_duration(wait_ms)}.",
         type=kind,
-        code="rate_limit_exceeded",
         headers=headers,
     )

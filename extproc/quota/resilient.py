@@ -20,7 +20,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Literal
 
-from extproc import metrics
 from extproc.quota.memory import MemoryStore
 from extproc.quota.store import (
     AdmitResult,
@@ -31,6 +30,7 @@ from extproc.quota.store import (
     StoreOutcomeUnknown,
     StoreUnavailable,
 )
+from extproc.recorder import NULL_RECORDER, Recorder
 
 log = logging.getLogger("extproc.quota")
 
@@ -63,14 +63,14 @@ class ResilientStore(SettlesInBatches):
         fallback: QuotaStore | None = None,
         max_pending: int = 100_000,
         retry_interval_s: float = 1.0,
+        recorder: Recorder = NULL_RECORDER,
     ) -> None:
         self.primary = primary
+        self.recorder = recorder
         self.fallback: QuotaStore = fallback if fallback is not None else MemoryStore()
         self.on_failure = on_failure
         self.max_pending = max_pending
         self.retry_interval_s = retry_interval_s
-        self.fail_open_admissions = 0
-        self.dropped_settlements = 0
         self._queue: deque[Settlement] = deque()
         self._local: dict[str, int] = {}  # request_id admitted by the fallback -> its expires_at_ms
         self._next_forget_ms = 0
@@ -81,10 +81,24 @@ class ResilientStore(SettlesInBatches):
         # After a failure the primary is skipped for a retry interval: a black-holed Redis would
         # otherwise cost every admission a full connect timeout.
         self._primary_down_until = 0.0
+        self._degraded = False
+        self._fail_open_since_warning = 0
 
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    def _primary_failed(self, operation: str) -> None:
+        self._primary_down_until = time.monotonic() + self.retry_interval_s
+        self.recorder.store_error(operation)
+        if not self._degraded:
+            self._degraded = True
+            self.recorder.store_degraded(True)
+
+    def _primary_answered(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            self.recorder.store_degraded(False)
 
     async def admit(
         self, tag: str, request_id: str, rules: list[LimitRule], costs: list[int], now_ms: int, expires_at_ms: int
@@ -94,10 +108,14 @@ class ResilientStore(SettlesInBatches):
             failure = StoreUnavailable("unavailable moments ago; retrying shortly")
         else:
             try:
-                return await self.primary.admit(tag, request_id, rules, costs, now_ms, expires_at_ms)
+                result = await self.primary.admit(tag, request_id, rules, costs, now_ms, expires_at_ms)
             except StoreUnavailable as exc:
-                self._primary_down_until = time.monotonic() + self.retry_interval_s
+                self._primary_failed("admit")
                 failure = exc
+            else:
+                if self._degraded:
+                    self._primary_answered()
+                return result
         if self.on_failure == "closed":
             if isinstance(failure, StoreOutcomeUnknown):
                 # The admission may have landed, and this request is refused: give it back once the
@@ -105,8 +123,8 @@ class ResilientStore(SettlesInBatches):
                 self._enqueue(Settlement.release(tag, request_id, rules, only_if_reserved=True))
             raise failure
         result = await self.fallback.admit(tag, request_id, rules, costs, now_ms, expires_at_ms)
-        self.fail_open_admissions += 1
-        metrics.QUOTA_FAIL_OPEN.inc()
+        self._fail_open_since_warning += 1
+        self.recorder.fail_open_admission()
         if result.allowed:
             self._forget_expired(now_ms)
             self._local[request_id] = expires_at_ms
@@ -115,10 +133,11 @@ class ResilientStore(SettlesInBatches):
             self._last_warning = now
             # The exception text names host and error, never a key.
             log.warning(
-                "quota store unavailable (%s); admitting on per-process limits (%d so far)",
+                "quota store unavailable (%s); admitting on per-process limits (%d since the last warning)",
                 failure,
-                self.fail_open_admissions,
+                self._fail_open_since_warning,
             )
+            self._fail_open_since_warning = 0
         return result
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[BaseException | None]:
@@ -145,13 +164,14 @@ class ResilientStore(SettlesInBatches):
         try:
             results = await self.primary.settle_many(batch)
         except StoreUnavailable as exc:
-            self._primary_down_until = time.monotonic() + self.retry_interval_s
+            self._primary_failed("settle")
             for item in batch:
                 self._enqueue(_for_replay(item, exc))
             return outcomes
+        self._primary_answered()
         for index, result in zip(for_primary, results, strict=True):
             if _retryable(result):
-                self._primary_down_until = time.monotonic() + self.retry_interval_s
+                self._primary_failed("settle")
                 self._enqueue(_for_replay(settlements[index], result))
             else:
                 outcomes[index] = result
@@ -170,6 +190,7 @@ class ResilientStore(SettlesInBatches):
                 try:
                     results = await self.primary.settle_many(batch)
                 except StoreUnavailable as exc:
+                    self._primary_failed("settle")
                     self._requeue([_for_replay(item, exc) for item in batch])
                     break
                 except asyncio.CancelledError:
@@ -187,6 +208,7 @@ class ResilientStore(SettlesInBatches):
                         log.exception("writing queued quota settlements kept failing; dropped %d", len(batch))
                     break
                 self._flush_errors = 0
+                self._primary_answered()
                 unwritten = [
                     _for_replay(item, result) for item, result in zip(batch, results, strict=True) if _retryable(result)
                 ]
@@ -200,6 +222,7 @@ class ResilientStore(SettlesInBatches):
                 if unwritten:
                     self._requeue(unwritten)
                     break
+            self.recorder.settlements_pending(len(self._queue))
             return written
 
     async def close(self) -> None:
@@ -217,18 +240,19 @@ class ResilientStore(SettlesInBatches):
         await self.fallback.close()
 
     def _dropped(self, count: int) -> None:
-        self.dropped_settlements += count
-        metrics.QUOTA_DROPPED.inc(count)
+        self.recorder.settlements_dropped(count)
 
     def _enqueue(self, settlement: Settlement) -> None:
         self._queue.append(settlement)
         self._trim()
+        self.recorder.settlements_pending(len(self._queue))
         self._ensure_task()
 
     def _requeue(self, batch: list[Settlement]) -> None:
         # Back to the front, in order: still the oldest, so the first dropped if the queue overflowed meanwhile.
         self._queue.extendleft(reversed(batch))
         self._trim()
+        self.recorder.settlements_pending(len(self._queue))
 
     def _trim(self) -> None:
         while len(self._queue) > self.max_pending:

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from extproc import errors, metrics
+from extproc import errors
 from extproc.identity import Identity
 from extproc.quota.plan import QuotaPlan, QuotaPlanner, rate_limit_headers, refusal
 from extproc.quota.store import AdmitResult, QuotaStore, Settlement, StoreUnavailable
@@ -57,7 +57,6 @@ class QuotaService:
                 plan.tag, plan.request_id, plan.store_rules, plan.costs, now_ms, plan.expires_at_ms
             )
         except StoreUnavailable:
-            metrics.QUOTA_UNAVAILABLE.inc()
             raise errors.quota_store_unavailable() from None
         if not result.allowed:
             raise refusal(plan, result)

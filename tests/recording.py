@@ -1,0 +1,55 @@
+"""A Recorder that keeps what it was told, for tests that assert on events."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from extproc.recorder import Recorder, RequestRecord
+
+
+class CountingRecorder(Recorder):
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+        self.phases: Counter[str] = Counter()
+        self.store_errors: Counter[str] = Counter()
+        self.degraded: list[bool] = []
+        self.fail_open = 0
+        self.dropped = 0
+        self.pending = 0
+        self.reloads: list[bool] = []
+        self.digests: list[str] = []
+        self.queue: dict[tuple[str, str], int] = {}
+        self.loads: dict[str, tuple[float | None, float | None, float | None]] = {}
+
+    def request_done(self, record: RequestRecord) -> None:
+        self.records.append(record)
+
+    def phase_time(self, phase: str, seconds: float) -> None:
+        self.phases[phase] += 1
+
+    def policy_loaded(self, digest: str, backends: object = ()) -> None:
+        self.digests.append(digest)
+
+    def policy_reload(self, ok: bool) -> None:
+        self.reloads.append(ok)
+
+    def store_error(self, operation: str) -> None:
+        self.store_errors[operation] += 1
+
+    def store_degraded(self, degraded: bool) -> None:
+        self.degraded.append(degraded)
+
+    def fail_open_admission(self) -> None:
+        self.fail_open += 1
+
+    def settlements_pending(self, count: int) -> None:
+        self.pending = count
+
+    def settlements_dropped(self, count: int) -> None:
+        self.dropped += count
+
+    def queue_length(self, backend: str, traffic_class: str, length: int) -> None:
+        self.queue[(backend, traffic_class)] = length
+
+    def backend_load(self, backend: str, waiting: float | None, running: float | None, kv_cache: float | None) -> None:
+        self.loads[backend] = (waiting, running, kv_cache)
