@@ -92,7 +92,7 @@ class ContentSignals:
     def finish(self) -> tuple[str | None, int, int]:
         """(JSON-mode verdict or None, tool calls whose arguments parse, tool calls whose do not)."""
         verdict: str | None = None
-        if self.json_mode and self._content:
+        if self.json_mode and (self._content or self._truncated):
             if self._truncated:
                 verdict = "truncated"
             else:
