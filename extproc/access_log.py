@@ -1,17 +1,25 @@
 """The access log: one JSON line per request, built from its `RequestRecord`.
 
 Never prompt text and never credentials, unless the debug switch is on (it adds the request body,
-truncated, and the server warns at start that it is on). Lines are written in batches: a line
-waits at most `flush_interval_s` (or until `max_buffer_bytes` are waiting), so a busy worker
-makes one write system call per batch instead of one per request. A worker killed with SIGKILL
-loses at most that last fraction of a second of lines; SIGTERM flushes them.
+truncated, and the server warns at start that it is on). Lines are gathered in batches: a line
+waits at most `flush_interval_s` (or until `max_buffer_bytes` are waiting). A writer thread does
+the writing, so a slow log reader (a full stdout pipe) never stalls the event loop: batches queue
+up to a bound and beyond it are dropped and counted, never blocking. Writes are cut at line
+boundaries into pieces of at most PIPE_BUF bytes, which the kernel keeps whole on a pipe, so the
+workers of a replica sharing one stdout never interleave inside a line. A worker killed with
+SIGKILL loses at most the last fraction of a second of lines; SIGTERM flushes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import queue
+import select
+import threading
+import time
 from typing import Any
 
 import orjson
@@ -37,6 +45,7 @@ FIELDS = (
     "status",
     "code",
     "outcome",
+    "counted_prompt_tokens",
     "prompt_tokens",
     "completion_tokens",
     "max_tokens",
@@ -58,6 +67,28 @@ FIELDS = (
     "notes",
 )
 DEBUG_PROMPT_BYTES = 4096
+_ATOMIC_WRITE = select.PIPE_BUF  # a write this size or smaller reaches a pipe whole
+_MAX_QUEUED_BATCHES = 256
+_WARN_EVERY_S = 10.0
+
+log = logging.getLogger("extproc.access_log")
+
+
+def line_chunks(data: bytes, limit: int = _ATOMIC_WRITE) -> list[bytes]:
+    """`data` (whole lines) cut at line ends into pieces of at most `limit` bytes; a longer line stays whole."""
+    pieces: list[bytes] = []
+    start = 0
+    while len(data) - start > limit:
+        cut = data.rfind(b"\n", start, start + limit)
+        if cut < 0:
+            cut = data.find(b"\n", start + limit)
+            if cut < 0:
+                break
+        pieces.append(data[start : cut + 1])
+        start = cut + 1
+    if start < len(data):
+        pieces.append(data[start:])
+    return pieces
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -84,6 +115,7 @@ def line_fields(record: RequestRecord) -> dict[str, Any]:
         "status": record.status,
         "code": record.code,
         "outcome": record.outcome,
+        "counted_prompt_tokens": record.counted_prompt_tokens,
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "max_tokens": record.requested_completion,
@@ -122,6 +154,11 @@ class AccessLog:
         self._lines: list[bytes] = []
         self._size = 0
         self._scheduled = False
+        self.dropped_lines = 0
+        self._last_warning = -_WARN_EVERY_S
+        self._batches: queue.Queue[bytes | None] = queue.Queue(maxsize=_MAX_QUEUED_BATCHES)  # None: stop
+        self._writer = threading.Thread(target=self._write_batches, name="extproc-access-log", daemon=True)
+        self._writer.start()
 
     @classmethod
     def open(cls, target: str, *, include_prompts: bool = False) -> AccessLog | None:
@@ -158,13 +195,38 @@ class AccessLog:
         self.flush()
 
     def flush(self) -> None:
+        """Hand what is gathered to the writer thread (never blocks)."""
         if not self._lines:
             return
-        data = memoryview(b"\n".join(self._lines) + b"\n")
+        count = len(self._lines)
+        data = b"\n".join(self._lines) + b"\n"
         self._lines.clear()
         self._size = 0
-        # A closed or full pipe must never take the gateway down with it: lines are dropped instead.
-        with contextlib.suppress(OSError):
-            while data:
-                written = os.write(self.fd, data)
-                data = data[written:]
+        try:
+            self._batches.put_nowait(data)
+        except queue.Full:
+            self.dropped_lines += count
+            now = time.monotonic()
+            if now - self._last_warning >= _WARN_EVERY_S:
+                self._last_warning = now
+                log.warning("access log output is too slow: %d lines dropped so far", self.dropped_lines)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush, and wait (a bounded time) for the writer to finish what is queued."""
+        self.flush()
+        with contextlib.suppress(queue.Full):
+            self._batches.put(None, timeout=timeout_s)
+        self._writer.join(timeout_s)
+
+    def _write_batches(self) -> None:
+        while True:
+            data = self._batches.get()
+            if data is None:
+                return
+            # A closed pipe must never take the gateway down with it: those lines are lost.
+            with contextlib.suppress(OSError):
+                for piece in line_chunks(data):
+                    view = memoryview(piece)
+                    while view:
+                        written = os.write(self.fd, view)
+                        view = view[written:]

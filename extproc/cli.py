@@ -167,15 +167,18 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         return 1
     model = stack.policy.models[0].name
     auth = " -H 'authorization: Bearer sk-demo'" if stack.policy.tenants else ""
+    backends = "\n".join(
+        f"             {u.name:<22} http://127.0.0.1:{u.port}  metrics http://127.0.0.1:{u.port}/metrics"
+        for u in stack.upstreams
+    )
     print(
         f"""
 extproc dev is running.
   base URL : {stack.base_url}
   policy   : {args.policy}
   metrics  : {stack.metrics_url}  (the gateway: every worker summed)
-  backends : {", ".join(f"{u.name}=127.0.0.1:{u.port}" for u in stack.upstreams)}
-             (each a fake vLLM, version v1: its metrics at http://127.0.0.1:PORT/metrics; steer its
-             load, version and faults with PUT http://127.0.0.1:PORT/fake/state)
+  backends : fake vLLMs, version v1 (steer load, version and faults: PUT http://127.0.0.1:PORT/fake/state)
+{backends}
   logs     : {stack.work_dir}  (access log: one JSON line per request in extproc.log)
   quotas   : {stack.redis_url or "in-memory (pass --redis-url to share them)"}
 

@@ -100,6 +100,14 @@ def outcome_for_status(status: int) -> Outcome:
     return "upstream_error"
 
 
+def upstream_outcome(status: int) -> Outcome:
+    """The outcome of an upstream's error status. Its 429 is the backend refusing, not a tenant's
+    limit, so it is an upstream error; its other 4xx say the request was invalid after all."""
+    if status == 429:
+        return "upstream_error"
+    return outcome_for_status(status)
+
+
 def outcome_of(code: str, status: int) -> Outcome:
     known = REGISTRY.get(code)
     if known is not None:

@@ -270,7 +270,7 @@ class Gateway:
         )
         requested = translator.requested_completion(body)
         record.json_mode, record.tools, record.messages = facts.json_mode, facts.tools, facts.messages
-        record.prompt_tokens, record.requested_completion = cost.total, requested
+        record.counted_prompt_tokens, record.requested_completion = cost.total, requested
         action, routed = self.route(facts, model, record)
         choice = choose(
             model,
@@ -362,7 +362,7 @@ class Gateway:
         if isinstance(action, RejectWith):
             raise errors.rule_rejection(action.kind, action.message)
         routed = model.targets[action.backend]
-        record.routed_backend = action.backend
+        record.routed_backend = record.backend = action.backend  # a shed request keeps the backend it was shed from
         if facts.endpoint not in routed.endpoints:
             raise errors.unsupported_endpoint(
                 f"Model `{facts.requested_model}` is routed to backend {action.backend} by rule {action.rule}, "
@@ -422,12 +422,14 @@ class Gateway:
         if stripped:
             for key in stripped:
                 del body[key]
-            notes.append("stripped " + ",".join(stripped))
+            # Parameter names are the client's: only a few, shortened, reach the log.
+            notes.append("stripped " + ",".join(k[:40] for k in stripped[:_MAX_NOTED_PARAMS]))
             changed = True
         return changed
 
 
 _MAX_LOGGED_MODEL = 128  # a model name as the client wrote it, in the log
+_MAX_NOTED_PARAMS = 10
 
 
 def check_prompt(target: Target, prompt_tokens: int, requested_model: str, prompt_field: str) -> None:
@@ -512,6 +514,11 @@ class ResponseWatcher:
         self.usage: Usage | None = None
         self._sse: SseUsageReader | None = None
         self.signals: ContentSignals | None = None  # set for a successful generation
+        self.bodies = 0  # body messages seen
+
+    @property
+    def streamed(self) -> bool:
+        return self._sse is not None
 
     @property
     def events_seen(self) -> int:
@@ -532,6 +539,7 @@ class ResponseWatcher:
 
     def on_body(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
         """Returns replacement bytes for the chunk, or None to pass it unchanged."""
+        self.bodies += 1
         if self._sse is not None:
             replacement = self._sse.feed(chunk, end_of_stream)
             if self._sse.usage is not None:

@@ -20,6 +20,9 @@ class Upstream:
     name: str  # the routing header value (the subset)
     port: int
     host: str = "127.0.0.1"
+    # Endpoint metadata as Istio's EDS gives it (`istio.workload`: NAME;NAMESPACE;SERVICE;REVISION;CLUSTER),
+    # so the local stack can show the version read from Envoy's upstream host attributes.
+    workload: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,15 @@ def message_timeout_ms(policy: Policy) -> int:
     return max(2000, policy.queue.max_wait_ms + 1000)
 
 
-def _cluster(name: str, host: str, ports: list[int], http2: bool = False, streams: int = 0) -> dict[str, Any]:
+def _cluster(
+    name: str, host: str, ports: list[int], http2: bool = False, streams: int = 0, workload: str | None = None
+) -> dict[str, Any]:
+    endpoints: list[dict[str, Any]] = [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}} for port in ports
+    ]
+    if workload is not None:
+        for endpoint in endpoints:
+            endpoint["metadata"] = {"filter_metadata": {"istio": {"workload": workload}}}
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
@@ -58,14 +69,7 @@ def _cluster(name: str, host: str, ports: list[int], http2: bool = False, stream
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-                        for port in ports
-                    ]
-                }
-            ],
+            "endpoints": [{"lb_endpoints": endpoints}],
         },
     }
     if http2:
@@ -187,7 +191,7 @@ def render(setup: EnvoySetup) -> str:
         "http_filters": http_filters,
         "local_reply_config": _local_reply_config(setup),
     }
-    clusters = [_cluster(f"backend_{u.name}", u.host, [u.port]) for u in setup.upstreams]
+    clusters = [_cluster(f"backend_{u.name}", u.host, [u.port], workload=u.workload) for u in setup.upstreams]
     if setup.extproc_port is not None:
         ports = [setup.extproc_port, *setup.extra_extproc_ports]
         clusters.append(

@@ -17,6 +17,7 @@ Names and labels are the public interface documented in observability/METRICS.md
 from __future__ import annotations
 
 import bisect
+import fcntl
 import json
 import logging
 import mmap
@@ -230,21 +231,39 @@ def prompt_length_bucket(tokens: int) -> str:
 
 
 class VersionLabels:
-    """Served versions come from the upstream: keep a few well-formed ones per backend, fold the rest."""
+    """Served versions come from the upstream: a few well-formed ones per backend are labels, the rest `other`.
 
-    def __init__(self, per_backend: int = MAX_VERSIONS_PER_BACKEND) -> None:
+    A version unseen for `retire_after_s` gives its place to a new one, so a long-lived worker still
+    labels the canary of its tenth rollout; the series stay bounded by the pace of rollouts.
+    """
+
+    def __init__(
+        self,
+        per_backend: int = MAX_VERSIONS_PER_BACKEND,
+        retire_after_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.per_backend = per_backend
-        self._seen: dict[str, set[str]] = {}
+        self.retire_after_s = retire_after_s
+        self._clock = clock
+        self._seen: dict[str, dict[str, float]] = {}  # backend -> version -> last seen
 
     def label(self, backend: str, version: str | None) -> str:
         if not version:
             return "unknown"
-        seen = self._seen.setdefault(backend, set())
+        seen = self._seen.setdefault(backend, {})
+        now = self._clock()
         if version in seen:
+            seen[version] = now
             return version
-        if len(seen) >= self.per_backend or not _VERSION_SHAPE.fullmatch(version):
+        if not _VERSION_SHAPE.fullmatch(version):
             return OTHER
-        seen.add(version)
+        if len(seen) >= self.per_backend:
+            oldest = min(seen, key=seen.__getitem__)
+            if now - seen[oldest] < self.retire_after_s:
+                return OTHER
+            del seen[oldest]
+        seen[version] = now
         return version
 
 
@@ -357,12 +376,13 @@ class GatewayMetrics(Recorder):
             "livemostrecent",
         )
         self._digest: str | None = None
+        self._queue_series: set[tuple[str, str]] = set()
         # Series that exist from the start read 0 rather than absent, so rates and alerts work at once.
         for counter in (self.fail_open, self.dropped):
             counter.inc((), 0)
         for code in codes.REGISTRY:
             self.rejections.inc((code,), 0)
-        for operation in ("admit", "settle"):
+        for operation in ("admit", "settle", "ping"):
             self.store_errors.inc((operation,), 0)
         for result in ("ok", "refused"):
             self.reloads.inc((result,), 0)
@@ -387,7 +407,7 @@ class GatewayMetrics(Recorder):
             return  # no response at all: the client left first, nothing was served
         version = self.versions.label(backend, record.version)
         self.upstream.inc((model, backend, version, _STATUS_CLASSES.get(record.status // 100, OTHER)))
-        length = prompt_length_bucket(record.prompt_tokens)
+        length = prompt_length_bucket(record.counted_prompt_tokens)
         self.duration.observe((model, backend, version, length), record.duration_s)
         if record.ttft_s is not None:
             self.ttft.observe((model, backend, version, length), record.ttft_s)
@@ -406,7 +426,10 @@ class GatewayMetrics(Recorder):
     def policy_loaded(self, digest: str, backends: Iterable[str] = ()) -> None:
         for backend in backends:
             for traffic_class in TRAFFIC_CLASSES:
-                self.queue.set((backend, traffic_class), 0)
+                key = (backend, traffic_class)
+                if key not in self._queue_series:  # a reload must not zero a queue that holds requests
+                    self._queue_series.add(key)
+                    self.queue.set(key, 0)
         short = digest[:12]
         if self._digest is not None and self._digest != short:
             self.policy_info.set((self._digest,), 0)
@@ -432,6 +455,7 @@ class GatewayMetrics(Recorder):
         self.dropped.inc((), count)
 
     def queue_length(self, backend: str, traffic_class: str, length: int) -> None:
+        self._queue_series.add((backend, traffic_class))
         self.queue.set((backend, traffic_class), length)
 
     def backend_load(self, backend: str, waiting: float | None, running: float | None, kv_cache: float | None) -> None:
@@ -445,11 +469,20 @@ class GatewayMetrics(Recorder):
 # --- the directory and the endpoint ---------------------------------------------------------------
 
 
-def prepare_directory(directory: Path) -> None:
-    """At replica start: no file of an earlier run may be summed into this one."""
+def prepare_directory(directory: Path) -> int:
+    """At replica start: claim the directory for this replica and empty it, so no file of an earlier
+    run is summed into this one. Returns the lock's descriptor: keep it open while the replica runs
+    (its workers inherit it); a second replica pointed at the same directory is refused."""
     directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"extproc: the metrics directory {directory} is in use by another extproc") from None
     for stale in directory.glob("*.db"):
         stale.unlink()
+    return fd
 
 
 def worker_identity(index: int) -> str:

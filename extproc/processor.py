@@ -398,8 +398,11 @@ class RequestStream:
 
     def _internal_failure(self) -> None:
         record = self.record
-        if record is not None and record.outcome is None:
-            record.status, record.code, record.outcome, record.refused = 500, "internal_error", "internal_error", True
+        if record is None:  # failed before the request headers were read
+            record = self.record = RequestRecord(time.perf_counter(), time.time())
+        if record.outcome is None:
+            _refused(record, errors.internal_error(""))
+            record.status = 500
 
     def final_usage(self) -> tuple[int, int]:
         """What the request really cost; an estimate from what was seen when usage never came."""
@@ -432,10 +435,13 @@ class RequestStream:
                 settlement = (self.reservation, prompt, completion)
         record = self.record
         if record is not None:
-            self._close_record(record, prompt, completion)
-            self.recorder.request_done(record)
-            if self.access_log is not None:
-                self.access_log.write(record)
+            try:
+                self._close_record(record, prompt, completion)
+                self.recorder.request_done(record)
+                if self.access_log is not None:
+                    self.access_log.write(record)
+            except Exception:  # recording must never cost the settlement
+                log.exception("recording a finished request failed")
         return settlement
 
     def _close_record(self, record: RequestRecord, prompt: int, completion: int) -> None:
@@ -455,15 +461,17 @@ class RequestStream:
             record.json_result, record.tool_calls_valid, record.tool_calls_invalid = watcher.signals.finish()
             record.finish_reasons = watcher.signals.finish_reasons
         if watcher.status >= 300:
-            record.outcome = codes.outcome_for_status(watcher.status)
-        elif self.phase is Phase.DONE:
+            record.outcome = codes.upstream_outcome(watcher.status)
+        elif self.phase is Phase.DONE or (not watcher.streamed and watcher.bodies):
+            # A JSON body over Envoy's buffer limit comes in part (BUFFERED_PARTIAL), the rest unseen.
             record.outcome = "ok"
         else:
             record.outcome = "cancelled"  # the stream ended before its last chunk
 
 
 def _record_for(need: NeedBody | None, headers: dict[str, str], started: float) -> RequestRecord:
-    record = RequestRecord(started, time.time(), request_id=headers.get(names.REQUEST_ID))
+    request_id = headers.get(names.REQUEST_ID)
+    record = RequestRecord(started, time.time(), request_id=request_id[:_MAX_REQUEST_ID] if request_id else None)
     requested = headers.get(names.TRAFFIC_CLASS)
     if requested in CLASS_PRIORITY:
         record.requested_class = requested
@@ -482,6 +490,7 @@ def _endpoint_of(headers: dict[str, str]) -> str:
     return "models" if path == names.MODELS else _ENDPOINTS.get(path, "other")
 
 
+_MAX_REQUEST_ID = 128
 _ENDPOINTS = {names.CHAT_COMPLETIONS: "chat", names.COMPLETIONS: "completions", names.EMBEDDINGS: "embeddings"}
 
 

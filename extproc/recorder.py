@@ -28,7 +28,7 @@ class RequestRecord:
     requested_class: str | None = None  # what the client asked for with x-llm-class, if a known class
     traffic_class: str = "interactive"  # the effective class
     quality: str | None = None
-    requested_model: str | None = None  # as the client wrote it (bounded: only a policy name is kept)
+    requested_model: str | None = None  # as the client wrote it, cut to 128 characters (never a label)
     model: str | None = None  # the canonical public name
     served_model: str | None = None  # the name the backend serves
     backend: str | None = None
@@ -39,7 +39,8 @@ class RequestRecord:
     tools: bool = False
     messages: int = 0
     requested_completion: int | None = None  # max_tokens as the client sent it
-    prompt_tokens: int = 0
+    counted_prompt_tokens: int = 0  # the gateway's own count, what it decided on
+    prompt_tokens: int = 0  # settled usage (the upstream's report, else the count; 0 if nothing was served)
     completion_cap: int = 0
     completion_tokens: int = 0
     usage: str = "none"  # reported, estimated or none

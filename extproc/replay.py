@@ -7,7 +7,8 @@ the routing rules, the caps and the context window, then the quotas, replayed in
 an in-memory store at each request's logged time and settled with its logged usage.
 
 What a replay cannot know: load (backends are taken as unsaturated, so no fallback and no
-shedding), and a tokenizer change (the logged prompt count is reused).
+shedding: requests compare by the rules' pick, `routed_backend`, and requests refused for load or
+by our own failure are not replayed), and a tokenizer change (the logged count is reused).
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ class Change:
         return "refusal_changed"
 
 
+# Refusals that depend on load or on an outage at the time, not on the policy: a replay cannot redo them.
+_NOT_REPLAYABLE = frozenset({"shed", "backend_overloaded", "quota_store_unavailable", "internal_error"})
+
+
 @dataclass(slots=True)
 class Report:
     replayed: int = 0
-    skipped: int = 0  # lines that are no decided inference request (listings, unreadable lines)
+    skipped: int = 0  # lines that are no decided inference request, or whose refusal a replay cannot redo
     unchanged: int = 0
     changes: list[Change] = field(default_factory=list)
 
@@ -104,11 +109,14 @@ def read_log(lines: Iterable[bytes | str]) -> Iterator[dict[str, Any] | None]:
 
 
 def logged_verdict(entry: dict[str, Any]) -> Verdict:
-    """What the gateway decided when it served the request: only its own refusals carry a code."""
+    """What the gateway decided when it served the request: only its own refusals carry a code.
+
+    An admitted request compares by the rules' pick: a fallback under load is not the policy's doing.
+    """
     code = entry.get("code")
     if code:
         return Verdict(None, code, entry.get("outcome") or "invalid")
-    return Verdict(entry.get("backend"), None, "ok")
+    return Verdict(entry.get("routed_backend") or entry.get("backend"), None, "ok")
 
 
 class Replayer:
@@ -145,7 +153,7 @@ class Replayer:
         model = gateway.model_for(identity, requested_model, endpoint)
         requested_class = entry.get("requested_class")
         traffic_class = gateway.traffic_class(identity, requested_class)
-        prompt_tokens = int(entry.get("prompt_tokens") or 0)
+        prompt_tokens = int(entry.get("counted_prompt_tokens") or 0)
         facts = RequestFacts(
             tenant=identity.tenant.name if identity is not None else None,
             tier=identity.tenant.tier if identity is not None else None,
@@ -200,17 +208,22 @@ class Replayer:
 async def replay_async(gateway: Gateway, lines: Iterable[bytes | str]) -> Report:
     report = Report()
     replayer = Replayer(gateway)
+    entries = []
     for entry in read_log(lines):
         if (
             entry is None
             or entry.get("endpoint") not in ("chat", "completions", "embeddings")
             or not entry.get("model")
+            or entry.get("code") in _NOT_REPLAYABLE
+            # A bad key stays a bad key: nothing in a policy change alters that.
+            or (entry.get("outcome") == "unauthorized" and entry.get("tenant") is None)
         ):
             report.skipped += 1
-            continue
-        if entry.get("outcome") == "unauthorized" and entry.get("tenant") is None:
-            report.skipped += 1  # a bad key stays a bad key: nothing in a policy change alters that
-            continue
+        else:
+            entries.append(entry)
+    # Lines are written as requests end; the quotas replay in the order requests arrived.
+    entries.sort(key=lambda e: float(e.get("ts") or 0))
+    for entry in entries:
         before = logged_verdict(entry)
         after = await replayer.decide(entry)
         report.replayed += 1

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -190,7 +191,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     await scraper.stop()
     await quotas.close()  # settlements in flight are written (or kept queued) before exit
     if access_log is not None:
-        access_log.flush()
+        access_log.close()
     if files is not None:
         files.close()
     log.info("stopped")
@@ -216,16 +217,23 @@ def run_worker(options: ServeOptions, worker_index: int = 0) -> None:
 
 
 def serve(options: ServeOptions) -> int:
+    temporary: str | None = None
     if options.metrics_port and options.metrics_dir is None:
         # The files of this replica's workers; emptied at start, so an earlier run is never summed in.
-        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="extproc-metrics-")
-        options = dataclasses.replace(options, metrics_dir=directory)
-    if options.metrics_dir is not None:
-        metrics.prepare_directory(Path(options.metrics_dir))
-    if options.workers <= 1:
-        run_worker(options)
-        return 0
-    return _supervise(options)
+        temporary = tempfile.mkdtemp(prefix="extproc-metrics-")
+        options = dataclasses.replace(options, metrics_dir=temporary)
+    lock = metrics.prepare_directory(Path(options.metrics_dir)) if options.metrics_dir is not None else None
+    try:
+        if options.workers <= 1:
+            run_worker(options)
+            return 0
+        return _supervise(options)
+    finally:
+        # Only the replica's own process gets here: forked workers leave through os._exit.
+        if lock is not None:
+            os.close(lock)
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _serve_replica_metrics(options: ServeOptions, in_flight: InFlightCounter) -> None:

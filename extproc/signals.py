@@ -92,11 +92,12 @@ class ContentSignals:
     def finish(self) -> tuple[str | None, int, int]:
         """(JSON-mode verdict or None, tool calls whose arguments parse, tool calls whose do not)."""
         verdict: str | None = None
-        if self.json_mode and (self._content or self._truncated):
-            if self._truncated:
-                verdict = "truncated"
-            else:
-                verdict = "valid" if all(_parses("".join(p)) for p in self._content.values()) else "invalid"
+        # A choice with no content (a tool call, or only vLLM's opening `"content": ""`) is not judged.
+        texts = [text for text in ("".join(p) for p in self._content.values()) if text.strip()]
+        if self.json_mode and self._truncated:
+            verdict = "truncated"
+        elif self.json_mode and texts:
+            verdict = "valid" if all(_parses(text) for text in texts) else "invalid"
         valid = invalid = 0
         if not self._truncated:
             for fragments in self._args.values():

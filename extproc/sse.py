@@ -19,8 +19,17 @@ from extproc.signals import ContentSignals
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 # Only events that carry a usage object are parsed; every other chunk is a byte scan.
 _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
-# With rollout signals on, also the chunks that end a choice, carry content or carry tool calls.
-_HAS_FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
+# With rollout signals on, also the chunks that end a choice, and (JSON mode, tools) those that carry
+# content or tool calls: one pattern per combination, so an event costs a single scan.
+_SIGNAL_PATTERNS = {
+    (content, tools): re.compile(
+        rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"'
+        + (rb'|"content"' if content else b"")
+        + (rb'|"tool_calls"' if tools else b"")
+    )
+    for content in (False, True)
+    for tools in (False, True)
+}
 
 
 @dataclass(slots=True)
@@ -69,8 +78,7 @@ class SseUsageReader:
     ) -> None:
         self.hide_usage_event = hide_usage_event
         self.signals = signals
-        self._wants_content = signals is not None and signals.json_mode
-        self._wants_tools = signals is not None and signals.tools
+        self._wanted = None if signals is None else _SIGNAL_PATTERNS[(signals.json_mode, signals.tools)].search
         self.max_pending_bytes = max_pending_bytes
         self.usage: Usage | None = None
         self.events = 0
@@ -89,12 +97,14 @@ class SseUsageReader:
             event = data[last_end : match.end()]
             last_end = match.end()
             self.events += 1
-            if self.signals is not None and self._wanted(event):
-                obj = self._parse(event)
-                self.signals.feed_chunk(obj)
-                if self._take_usage(obj) and self.hide_usage_event:
-                    dropped = True
-                    continue
+            if self._wanted is not None:
+                if self._wanted(event) is not None:
+                    obj = self._parse(event)
+                    assert self.signals is not None
+                    self.signals.feed_chunk(obj)
+                    if self._take_usage(obj) and self.hide_usage_event:
+                        dropped = True
+                        continue
             elif _HAS_USAGE.search(event) and self._take_usage(self._parse(event)) and self.hide_usage_event:
                 dropped = True
                 continue
@@ -115,14 +125,6 @@ class SseUsageReader:
         if not dropped and not had_pending and not self._pending:
             return None
         return b"".join(kept)
-
-    def _wanted(self, event: bytes) -> bool:
-        return (
-            _HAS_USAGE.search(event) is not None
-            or _HAS_FINISH.search(event) is not None
-            or (self._wants_content and b'"content"' in event)
-            or (self._wants_tools and b'"tool_calls"' in event)
-        )
 
     @staticmethod
     def _parse(event: bytes) -> Any:

@@ -179,6 +179,8 @@ class LocalStack:
     metrics_port: int | None = None  # the gateway's /metrics (replica 1), summing all its workers
     # The version each fake vLLM names in its x-model-version header, by backend (as pod labels would).
     upstream_versions: dict[str, str] = field(default_factory=dict)
+    # Versions Envoy knows from the endpoints' Istio-style metadata instead (no header), by backend.
+    upstream_workload_versions: dict[str, str] = field(default_factory=dict)
     # The fake vLLMs' ports: consecutive from here in the policy's backend order (`extproc dev`, so
     # the README can name them); None: free ports.
     upstream_base_port: int | None = None
@@ -238,7 +240,9 @@ class LocalStack:
         for index, backend in enumerate(self.policy.backends):
             subset = self.policy.subset(backend)
             port = free_port() if self.upstream_base_port is None else self.upstream_base_port + index
-            self.upstreams.append(Upstream(subset, port))
+            version = self.upstream_workload_versions.get(backend)
+            workload = None if version is None else f"{subset}-{version};default;{subset};{version};Kubernetes"
+            self.upstreams.append(Upstream(subset, port, workload=workload))
             load_urls += ["--load-url", f"{backend}=http://127.0.0.1:{port}/metrics"]
             argv = self._python("fake-vllm", "--port", str(port), "--name", subset)
             if backend in self.upstream_versions:

@@ -562,7 +562,7 @@ def panels() -> list[tuple[str, list[Any]]]:
             "Replicas per policy digest",
             "How many gateway replicas run each policy digest: more than one line for long means replicas "
             "disagree (a refused reload on some of them).",
-            [("count by (digest) (extproc_policy_info)", "{{digest}}")],
+            [("count by (digest) (extproc_policy_info == 1)", "{{digest}}")],
             width=8,
         ),
         series(

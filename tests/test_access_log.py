@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def drive(messages: list[pb.ProcessingRequest], tmp_path: Path, include_prompts:
         await quotas.drain()
 
     asyncio.run(run())
-    access_log.flush()
+    access_log.close()
     os.close(fd)
     lines = path.read_bytes().splitlines()
     assert len(recorder.records) == len(lines) == 1  # one line, one record, per request
@@ -114,7 +115,7 @@ def test_a_refused_request_logs_why(tmp_path: Path) -> None:
     (line,) = drive(exchange("sk-stream", body, None), tmp_path)
     assert (line["status"], line["code"], line["outcome"]) == (400, "context_length_exceeded", "invalid")
     assert (line["tenant"], line["model"], line["backend"]) == ("stream", "tiny", "small")
-    assert line["max_tokens"] == 999_999 and line["prompt_tokens"] > 0
+    assert line["max_tokens"] == 999_999 and line["counted_prompt_tokens"] > 0 and line["prompt_tokens"] == 0
     assert "sk-stream" not in orjson.dumps(line).decode() and PROMPT not in orjson.dumps(line).decode()
 
 
@@ -134,3 +135,31 @@ def test_the_debug_switch_adds_the_prompt(tmp_path: Path) -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 7}
     (line,) = drive(exchange("sk-stream", body, None), tmp_path, include_prompts=True)
     assert PROMPT in line["prompt"]
+
+
+def test_writes_are_cut_at_line_ends_into_pipe_sized_pieces() -> None:
+    from extproc.access_log import line_chunks
+
+    lines = [orjson.dumps({"n": n, "pad": "x" * (n * 37 % 900)}) for n in range(200)]
+    data = b"\n".join(lines) + b"\n"
+    pieces = line_chunks(data, 4096)
+    assert b"".join(pieces) == data
+    assert all(len(p) <= 4096 and p.endswith(b"\n") for p in pieces)
+    long_line = b"y" * 10_000 + b"\n"
+    assert line_chunks(b"a\n" + long_line + b"b\n", 4096) == [b"a\n", long_line, b"b\n"]
+
+
+def test_a_stuck_reader_never_blocks_the_writer_of_lines(tmp_path: Path) -> None:
+    """A pipe nobody reads: write() returns at once; lines beyond the queue bound are dropped and counted."""
+    from extproc.recorder import RequestRecord
+
+    read_end, write_end = os.pipe()
+    access_log = AccessLog(write_end, max_buffer_bytes=1)  # every line its own batch
+    record = RequestRecord(0.0, 0.0, notes=["z" * 2000])
+    started = time.monotonic()
+    for _ in range(2000):
+        access_log.write(record)
+    assert time.monotonic() - started < 5
+    assert access_log.dropped_lines > 0
+    os.close(read_end)  # the writer thread's next write fails with EPIPE and ends quietly
+    access_log.close(timeout_s=1)

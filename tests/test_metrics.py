@@ -33,6 +33,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 def served(**overrides: object) -> RequestRecord:
     record = RequestRecord(0.0, 0.0, tenant="acme", model="llama", backend="default-8b", traffic_class="batch")
     record.outcome, record.status, record.prompt_tokens, record.completion_tokens = "ok", 200, 1500, 20
+    record.counted_prompt_tokens = 1500
     record.duration_s, record.version = 0.3, "v2"
     for key, value in overrides.items():
         setattr(record, key, value)
@@ -125,3 +126,32 @@ def test_prompt_length_buckets() -> None:
         "64k+",
         "64k+",
     ]
+
+
+def _documented() -> dict[str, list[str]]:
+    """Every gateway metric in observability/METRICS.md's tables, with its labels."""
+    documented: dict[str, list[str]] = {}
+    for line in (ROOT / "observability" / "METRICS.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not cells or not re.fullmatch(r"`extproc_\w+`", cells[0]):
+            continue
+        labels_cell = (
+            cells[2] if cells[1] in ("counter", "histogram", "gauge") or cells[1].startswith("gauge") else cells[1]
+        )
+        labels = [x.strip() for x in re.sub(r"\([^)]*\)", "", labels_cell).split(",")]
+        documented[cells[0].strip("`")] = sorted(x for x in labels if x and x != "\u2013")  # an en dash: no labels
+    return documented
+
+
+def test_what_is_exported_is_what_metrics_md_documents(tmp_path: Path) -> None:
+    m = metrics.GatewayMetrics(metrics.MetricFiles(tmp_path, "w0"))
+    exported = {}
+    for value in vars(m).values():
+        if isinstance(value, metrics.Counter):
+            exported[value.name + "_total"] = sorted(value.labelnames)
+        elif isinstance(value, metrics.Histogram | metrics.Gauge):
+            exported[value.name] = sorted(value.labelnames)
+    in_flight = metrics.InFlightCollector(list, lambda _b: 0)
+    for family in in_flight.collect():
+        exported[family.name] = ["backend"]
+    assert exported == _documented()

@@ -378,3 +378,58 @@ def _check_queries(prom: Prometheus) -> None:
         assert reply["status"] == "success", (query, reply)
         missing = {n for n in expressions.series_names(query) if n not in names}
         assert not missing, (query, missing)
+
+
+def _metric_lines(url: str, name: str) -> list[str]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+def test_the_served_version_comes_from_the_header_or_from_envoys_upstream_host_metadata() -> None:
+    """One backend names its version in a header; another only through Istio-style endpoint metadata,
+    which reaches the gateway as ext_proc response attributes on the real Envoy."""
+    stack = LocalStack(
+        example_policy_path(),
+        listen_port=free_port(),
+        metrics_port=free_port(),
+        upstream_versions={"default-8b": "v1"},
+        upstream_workload_versions={"strict-json-model": "v3"},
+        log_level="warning",
+    )
+    with running(stack):
+        client = openai.OpenAI(base_url=stack.base_url, api_key="sk-demo", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        chunks = list(
+            client.chat.completions.create(model="llama-3.1-8b", messages=messages, max_tokens=3, stream=True)
+        )
+        assert chunks
+        client.chat.completions.create(
+            model="llama-3.1-8b", messages=messages, max_tokens=3, response_format={"type": "json_object"}
+        )
+        time.sleep(0.5)  # the access log is written in batches
+        assert stack.metrics_url is not None
+        responses = _metric_lines(stack.metrics_url, "extproc_upstream_responses_total")
+        assert any('backend="default-8b"' in line and 'version="v1"' in line for line in responses), responses
+        assert any('backend="strict-json-model"' in line and 'version="v3"' in line for line in responses), responses
+        ttft = _metric_lines(stack.metrics_url, "extproc_time_to_first_token_seconds_count")
+        assert any('backend="default-8b"' in line and line.endswith(" 1.0") for line in ttft), ttft
+        assert stack.work_dir is not None
+        lines = [json.loads(x) for x in (stack.work_dir / "extproc.log").read_text().splitlines() if x.startswith("{")]
+    streamed = next(line for line in lines if line["stream"])
+    assert streamed["ttft_ms"] is not None and 0 < streamed["ttft_ms"] <= streamed["duration_ms"]
+    assert {line["version"] for line in lines} == {"v1", "v3"}
+
+
+def test_the_prompt_debug_switch_warns_at_start() -> None:
+    stack = LocalStack(
+        example_policy_path(), listen_port=free_port(), serve_args=("--access-log-prompts",), log_level="warning"
+    )
+    with running(stack):
+        client = openai.OpenAI(base_url=stack.base_url, api_key="sk-demo", max_retries=0)
+        client.chat.completions.create(
+            model="llama-3.1-8b", messages=[{"role": "user", "content": PROMPT}], max_tokens=2
+        )
+        time.sleep(0.5)
+        log = stack.process("extproc").tail(200)
+    assert "the access log includes request bodies (prompt text)" in log
+    assert PROMPT in log

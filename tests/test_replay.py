@@ -60,7 +60,7 @@ def record_log(policy: Policy, requests: list[list[pb.ProcessingRequest]], path:
         await quotas.drain()
 
     asyncio.run(run())
-    access_log.flush()
+    access_log.close()
     os.close(fd)
 
 
@@ -88,9 +88,12 @@ def test_replay_reports_moves_refusals_and_limits(tmp_path: Path) -> None:
     assert [e["backend"] for e in logged[:6]] == ["default-8b"] * 3 + ["strict-json-model"] * 2 + ["fast-8b"]
     assert logged[-1]["code"] == "model_not_found"
 
-    # Unchanged policy: nothing changes.
-    same = replay(Gateway.from_policy(load_policy(example_policy_path())), log.read_bytes().splitlines())
-    assert (same.replayed, same.unchanged, same.changes) == (len(traffic), len(traffic), [])
+    # Unchanged policy: nothing changes, and what load decided (a fallback, a shed) is not the policy's change.
+    fallback = {**logged[0], "backend": "fast-8b", "routed_backend": "default-8b", "fallback": True}
+    shed = {**logged[0], "backend": "default-8b", "code": "shed", "outcome": "shed", "status": 429}
+    with_load = [*log.read_bytes().splitlines(), orjson.dumps(fallback), orjson.dumps(shed)]
+    same = replay(Gateway.from_policy(load_policy(example_policy_path())), with_load)
+    assert (same.replayed, same.unchanged, same.changes, same.skipped) == (len(traffic) + 1, len(traffic) + 1, [], 1)
 
     # The change: JSON mode goes to fast-8b, the tiny tenant gets 40 tokens a minute, the internal-tools
     # rule is gone.

@@ -69,3 +69,10 @@ def test_plain_streams_parse_only_the_chunks_that_end_a_choice() -> None:
     reader = stream(events, signals)
     assert reader.events == 52  # 51 chunks and [DONE]
     assert signals.finish() == (None, 0, 0) and signals.finish_reasons == ["stop"]
+
+
+def test_a_json_mode_stream_that_calls_a_tool_is_not_judged_on_its_empty_content() -> None:
+    signals = ContentSignals(json_mode=True, tools=True)
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    stream([chunk({"role": "assistant", "content": ""}), chunk({"tool_calls": [call]}, "tool_calls")], signals)
+    assert signals.finish() == (None, 1, 0)

@@ -94,6 +94,7 @@ class ResilientStore(SettlesInBatches):
         if not self._degraded:
             self._degraded = True
             self.recorder.store_degraded(True)
+            self._ensure_task()  # probes the primary even when nothing is queued (an idle, fail-closed replica)
 
     def _primary_answered(self) -> None:
         if self._degraded:
@@ -168,13 +169,17 @@ class ResilientStore(SettlesInBatches):
             for item in batch:
                 self._enqueue(_for_replay(item, exc))
             return outcomes
-        self._primary_answered()
+        failed = False
         for index, result in zip(for_primary, results, strict=True):
             if _retryable(result):
-                self._primary_failed("settle")
+                failed = True
                 self._enqueue(_for_replay(settlements[index], result))
             else:
                 outcomes[index] = result
+        if failed:
+            self._primary_failed("settle")  # one failed call, however many items it carried
+        else:
+            self._primary_answered()
         return outcomes
 
     async def start(self) -> None:
@@ -260,16 +265,33 @@ class ResilientStore(SettlesInBatches):
             self._dropped(1)
 
     def _ensure_task(self) -> None:
-        if self._queue and (self._task is None or self._task.done()):
+        if (self._queue or self._degraded) and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._retry_loop())
 
     async def _retry_loop(self) -> None:
-        while self._queue:
+        while self._queue or self._degraded:
             await asyncio.sleep(self.retry_interval_s)
             try:
-                await self.flush()
+                if self._queue:
+                    await self.flush()
+                else:
+                    await self._probe()
             except Exception:  # never let the loop die with work still queued
                 log.exception("retrying queued quota settlements failed")
+
+    async def _probe(self) -> None:
+        """Nothing queued, yet degraded: ask the primary whether it is back, so the gauge says so."""
+        ping = getattr(self.primary, "ping", None)
+        if ping is None:
+            self._primary_answered()  # no way to ask: the next admission will tell
+            return
+        try:
+            await ping()
+        except Exception:
+            self.recorder.store_error("ping")
+            return
+        self._primary_down_until = 0.0
+        self._primary_answered()
 
     def _forget_expired(self, now_ms: int) -> None:
         if now_ms < self._next_forget_ms:

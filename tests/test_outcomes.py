@@ -1,0 +1,180 @@
+"""What the adapter records for each way a request can end: outcome, code, backend, once per request."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc.admission import AdmissionQueue
+from extproc.core import Gateway
+from extproc.inflight import LocalInFlight
+from extproc.load import BackendLoad
+from extproc.policy import example_policy_path, load_policy
+from extproc.processor import RequestStream
+from extproc.recorder import RequestRecord
+from tests.recording import CountingRecorder
+
+GATEWAY = Gateway.from_policy(load_policy(example_policy_path()))
+CHAT = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+def headers(pairs: dict[str, str]) -> pb.ProcessingRequest:
+    mapped = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()])
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=mapped))
+
+
+def request(key: str = "sk-demo", method: str = "POST", content_type: str = "application/json", **extra: str) -> Any:
+    return headers(
+        {
+            ":method": method,
+            ":path": "/v1/chat/completions",
+            "content-type": content_type,
+            "authorization": f"Bearer {key}",
+            **extra,
+        }
+    )
+
+
+def body(payload: dict[str, Any] = CHAT) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=orjson.dumps(payload), end_of_stream=True))
+
+
+def response(status: int, content_type: str = "application/json") -> pb.ProcessingRequest:
+    mapped = base_pb2.HeaderMap(
+        headers=[
+            base_pb2.HeaderValue(key=":status", raw_value=str(status).encode()),
+            base_pb2.HeaderValue(key="content-type", raw_value=content_type.encode()),
+        ]
+    )
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=mapped))
+
+
+def chunk(data: bytes, end: bool) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=end))
+
+
+def run(messages: list[pb.ProcessingRequest], **stream_args: Any) -> RequestRecord:
+    recorder = CountingRecorder()
+
+    async def go() -> None:
+        stream = RequestStream(GATEWAY, recorder=recorder, **stream_args)
+        for message in messages:
+            await stream.handle(message)
+        stream.finish()
+
+    asyncio.run(go())
+    (record,) = recorder.records
+    return record
+
+
+USAGE = orjson.dumps(
+    {"choices": [{"index": 0, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+)
+
+
+@pytest.mark.parametrize(
+    ("messages", "status", "code", "outcome"),
+    [
+        ([request(method="GET")], 405, "method_not_allowed", "invalid"),
+        ([request(content_type="text/plain")], 415, "unsupported_media_type", "invalid"),
+        ([request(key="sk-wrong")], 401, "invalid_api_key", "unauthorized"),
+        (
+            [request(), body({"model": "nope", "messages": [{"role": "user", "content": "x"}]})],
+            404,
+            "model_not_found",
+            "invalid",
+        ),
+        ([request(key="sk-tiny"), body({**CHAT, "model": "qwen-2.5-72b"})], 403, "model_not_allowed", "forbidden"),
+        ([body()], 500, "internal_error", "internal_error"),  # out of order: our failure, still recorded
+    ],
+)
+def test_refusals_are_recorded_with_their_registered_outcome(
+    messages: list[pb.ProcessingRequest], status: int, code: str, outcome: str
+) -> None:
+    record = run(messages)
+    assert (record.status, record.code, record.outcome, record.refused) == (status, code, outcome, True)
+
+
+def test_ok_json_and_ok_stream() -> None:
+    record = run([request(), body(), response(200), chunk(USAGE, True)])
+    assert (record.outcome, record.backend, record.prompt_tokens, record.completion_tokens) == (
+        "ok",
+        "default-8b",
+        3,
+        2,
+    )
+    assert record.finish_reasons == ["stop"] and record.ttft_s is None
+    sse = b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    record = run(
+        [
+            request(),
+            body({**CHAT, "stream": True}),
+            response(200, "text/event-stream"),
+            chunk(sse, False),
+            chunk(b"", True),
+        ]
+    )
+    assert record.outcome == "ok" and record.stream and record.ttft_s is not None and record.finish_reasons == ["stop"]
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"), [(503, "upstream_error"), (429, "upstream_error"), (504, "timeout"), (400, "invalid")]
+)
+def test_upstream_errors(status: int, outcome: str) -> None:
+    record = run([request(), body(), response(status)])
+    assert (record.outcome, record.status, record.refused, record.backend) == (outcome, status, False, "default-8b")
+
+
+def test_a_stream_cut_short_and_a_response_never_sent_are_cancelled() -> None:
+    sse = b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+    record = run([request(), body({**CHAT, "stream": True}), response(200, "text/event-stream"), chunk(sse, False)])
+    assert record.outcome == "cancelled" and record.completion_tokens == 1
+    assert run([request(), body()]).outcome == "cancelled"
+
+
+def test_a_partly_buffered_json_body_is_ok() -> None:
+    """BUFFERED_PARTIAL: a body over Envoy's buffer limit comes in part, and the rest never reaches us."""
+    record = run([request(), body(), response(200), chunk(USAGE[:20], False)])
+    assert record.outcome == "ok"
+
+
+def test_shed_for_load_keeps_the_backend_it_was_shed_from() -> None:
+    saturated = BackendLoad(waiting_per_pod=100.0, kv_cache=0.99, running=10.0, pods=1, drain_per_s=None)
+    loads = dict.fromkeys(GATEWAY.policy.backends, saturated)
+    record = run([request(key="sk-tiny"), body()], loads=lambda: loads)
+    assert (record.outcome, record.code, record.backend, record.traffic_class) == (
+        "shed",
+        "shed",
+        "default-8b",
+        "experimental",
+    )
+
+
+def test_a_client_that_leaves_while_queued_is_cancelled_and_counted_once() -> None:
+    recorder = CountingRecorder()
+    counter = LocalInFlight()
+
+    async def go() -> None:
+        queue = AdmissionQueue(counter, recorder=recorder)
+        for _ in range(4):  # batch-pool takes 4 at a time: these hold every slot
+            assert counter.try_acquire("batch-pool", 4)
+        stream = RequestStream(GATEWAY, queue=queue, recorder=recorder)
+        await stream.handle(request(**{"x-llm-class": "batch"}))
+        waiting = asyncio.ensure_future(stream.handle(body()))
+        await asyncio.sleep(0.05)
+        assert recorder.queue[("batch-pool", "batch")] == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        stream.finish()
+        assert recorder.queue[("batch-pool", "batch")] == 0
+
+    asyncio.run(go())
+    (record,) = recorder.records
+    assert (record.outcome, record.backend, record.traffic_class) == ("cancelled", "batch-pool", "batch")
+    assert record.queue_s > 0.04
