@@ -8,7 +8,7 @@ by `extproc.stack.LocalStack` on free loopback ports:
   (B-replay: the same, sending the gateway's own replies; B-cal: spinning the
   gateway's own in-process time per request);
 * C ``gateway`` -- Envoy + `extproc serve` with the example policy (``--log-level warning``),
-  plus the same with info logging and with two worker processes.
+  plus the same with info logging, with the access log off, and with two worker processes.
 
 What is measured, and how, is described in bench/README.md. Run it with
 ``extproc bench`` (or ``python -m extproc.bench``); ``--quick`` is a smoke run.
@@ -144,6 +144,7 @@ class Config:
     # change is compared with the code before it in the same run (`--baseline-src`)
     source: Path | None = None
     policy: Path | None = None
+    serve_args: tuple[str, ...] = ()  # gateway only: extra `extproc serve` flags
 
     @property
     def has_extproc(self) -> bool:
@@ -154,6 +155,10 @@ DIRECT = Config("A", "direct (no ext_proc)", "none")
 NULL = Config("B", "null ext_proc", "null")
 GATEWAY = Config("C", "gateway, 1 worker", "gateway")
 GATEWAY_INFO = Config("C-info", "gateway, 1 worker, info logs", "gateway", log_level="info")
+# The access log is on by default (C); this row shows what it costs.
+GATEWAY_NO_ACCESS_LOG = Config(
+    "C-nolog", "gateway, 1 worker, access log off", "gateway", serve_args=("--access-log", "off")
+)
 GATEWAY_2W = Config("C-2w", "gateway, 2 workers", "gateway", workers=2)
 GATEWAY_2R = Config("C-2r", "gateway, 2 replicas (own ports, Envoy round robin)", "gateway", replicas=2)
 GATEWAY_REDIS = Config("C-redis", "gateway, 1 worker, quotas in Redis", "gateway", redis=True)
@@ -360,6 +365,7 @@ def _started_stack(
         null_busy_us=config.null_busy_us,
         null_replay=config.null_replay,
         extproc_source=config.source,
+        serve_args=config.serve_args,
     )
     with running(stack):
         yield stack
@@ -1598,7 +1604,17 @@ def run(
     replies = work_dir / "gateway-replies.json"
     dump_replies(record_gateway_replies(policy, chat_body(settings.max_tokens)), replies)
     replay = dataclasses.replace(NULL_REPLAY, null_replay=replies)
-    configs: tuple[Config, ...] = (DIRECT, NULL, replay, calibrated, GATEWAY, GATEWAY_INFO, GATEWAY_2W, GATEWAY_2R)
+    configs: tuple[Config, ...] = (
+        DIRECT,
+        NULL,
+        replay,
+        calibrated,
+        GATEWAY,
+        GATEWAY_INFO,
+        GATEWAY_NO_ACCESS_LOG,
+        GATEWAY_2W,
+        GATEWAY_2R,
+    )
     if load_policy(policy).tenants:
         configs += (GATEWAY_REDIS, GATEWAY_NO_TENANTS)
     if baseline_src is not None:
@@ -1828,6 +1844,7 @@ def render(report: Report, command: str) -> str:
         ("B-replay/B (null sending the gateway's replies, vs null)", paired_ratio(sat, "B-replay", "B")),
         ("B-cal/B (null + the gateway's in-process time as spin, vs null)", paired_ratio(sat, "B-cal", "B")),
         ("C-info/C (info vs warning logs)", paired_ratio(sat, "C-info", "C")),
+        ("C/C-nolog (access log on, the default, vs off)", paired_ratio(sat, "C", "C-nolog")),
         ("C-2w/C (2 workers vs 1)", paired_ratio(sat, "C-2w", "C")),
         ("C-2r/C (2 replicas vs 1)", paired_ratio(sat, "C-2r", "C")),
     ]
