@@ -78,6 +78,8 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from extproc.core import Gateway
     from extproc.replay import format_report, replay
 
@@ -93,17 +95,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(f"{args.log}: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({**report.summary(), "changes": [_change_json(c) for c in report.changes]}, indent=2))
+        changes = [{**dataclasses.asdict(c), "kind": c.kind} for c in report.changes]
+        print(json.dumps({**report.summary(), "changes": changes}, indent=2))
     else:
         print(format_report(report))
     return 0
-
-
-def _change_json(change: object) -> dict[str, object]:
-    import dataclasses
-
-    assert dataclasses.is_dataclass(change) and not isinstance(change, type)
-    return {**dataclasses.asdict(change), "kind": getattr(change, "kind", None)}
 
 
 def _cmd_route(args: argparse.Namespace) -> int:

@@ -247,10 +247,7 @@ class Gateway:
         if not isinstance(requested_model, str) or not requested_model:
             raise errors.invalid_request("`model` is required and must be a string.", "model")
         record.requested_model = requested_model[:_MAX_LOGGED_MODEL]
-        known = self.models.get(requested_model)
-        if known is not None:
-            record.model = known.name  # before the access checks, so a 403 says which model
-        model = self.model_for(identity, requested_model, translator.endpoint)
+        model = self.model_for(identity, requested_model, translator.endpoint, record)
         translator.validate(body)
 
         notes: list[str] = []
@@ -338,11 +335,14 @@ class Gateway:
             notes=notes,
         )
 
-    def model_for(self, identity: Identity | None, requested_model: str, endpoint: str) -> CompiledModel:
+    def model_for(
+        self, identity: Identity | None, requested_model: str, endpoint: str, record: RequestRecord
+    ) -> CompiledModel:
         """The model a public name stands for, if this caller may use it on this endpoint."""
         model = self.models.get(requested_model)
         if model is None:
             raise errors.model_not_found(requested_model)
+        record.model = model.name  # before the access checks, so a 403 says which model
         if identity is not None:
             allowed = self._allowed[identity.tenant.name]
             if allowed is not None and model.name not in allowed:
@@ -381,14 +381,14 @@ class Gateway:
         notes: list[str],
     ) -> tuple[int, bool]:
         """Return the completion cap that goes upstream and whether the body changed."""
-        field_name = translator.completion_field(body)
+        if requested is not None and requested <= target.completion_cap:
+            return requested, False  # the usual case: nothing to name, nothing to change
+        field_name = "max_tokens" if requested is None else translator.completion_field(body)
         completion = completion_cap(target, model, requested, longest, field_name, body["model"])
         if requested is None:
             body["max_tokens"] = completion
             notes.append(f"max_tokens={completion} (default)")
             return completion, True
-        if requested <= target.completion_cap:
-            return requested, False
         for name in ("max_tokens", "max_completion_tokens"):
             if body.get(name) is not None:
                 body[name] = target.completion_cap

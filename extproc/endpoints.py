@@ -221,3 +221,5 @@ TRANSLATORS: dict[str, Translator] = {
     names.COMPLETIONS: Completions(),
     names.EMBEDDINGS: Embeddings(),
 }
+# The same translators by endpoint name (what the access log records).
+BY_ENDPOINT: dict[str, Translator] = {t.endpoint: t for t in TRANSLATORS.values()}

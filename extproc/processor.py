@@ -24,6 +24,7 @@ from extproc import codes, errors, names, wire
 from extproc.access_log import DEBUG_PROMPT_BYTES, AccessLog
 from extproc.admission import AdmissionQueue, Shed, Slot
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
+from extproc.endpoints import TRANSLATORS
 from extproc.errors import GatewayError
 from extproc.load import BackendLoad
 from extproc.quota.service import QuotaService, Reservation
@@ -279,54 +280,54 @@ class RequestStream:
         need, record = self.need, self.record
         assert need is not None and record is not None  # the phase says the headers asked for this body
         gateway = self.gateway
-        recorder = self.recorder
-        started = time.perf_counter()
         loads = self.loads() if self.loads is not None else _NO_LOADS
-        admission: Admission | None = None
         body = message.body  # each read of a protobuf bytes field is a fresh copy
         if self.access_log is not None and self.access_log.include_prompts:
             record.prompt_text = body[:DEBUG_PROMPT_BYTES].decode("utf-8", "replace")
+        # The step in progress and when it began: each is timed once, however the request leaves.
+        step, began = "request_body", time.perf_counter()
         try:
-            try:
-                if len(body) < OFFLOAD_BODY_BYTES:
-                    admission = gateway.on_request_body(need, body, loads, record)
-                else:
-                    # Counting a long prompt takes tens of milliseconds; the tokenizers release the GIL
-                    # while they work, so in a thread it no longer stalls every other stream on the loop.
-                    admission = await asyncio.to_thread(gateway.on_request_body, need, body, loads, record)
-            finally:
-                decided = time.perf_counter()
-                recorder.phase_time("request_body", decided - started)
-            if self.quotas is not None and admission.identity is not None:
-                try:
-                    self.reservation = await self.quotas.admit(
-                        admission.identity,
-                        admission.model.name,
-                        admission.prompt_tokens,
-                        admission.completion_tokens,
-                        gateway.quota_planner,
-                    )
-                finally:
-                    reserved = time.perf_counter()
-                    recorder.phase_time("quota", reserved - decided)
+            if len(body) < OFFLOAD_BODY_BYTES:
+                admission = gateway.on_request_body(need, body, loads, record)
             else:
-                reserved = decided
+                # Counting a long prompt takes tens of milliseconds; the tokenizers release the GIL
+                # while they work, so in a thread it no longer stalls every other stream on the loop.
+                admission = await asyncio.to_thread(gateway.on_request_body, need, body, loads, record)
+            if self.quotas is not None and admission.identity is not None:
+                step, began = self._lap(step, began, "quota")
+                self.reservation = await self.quotas.admit(
+                    admission.identity,
+                    admission.model.name,
+                    admission.prompt_tokens,
+                    admission.completion_tokens,
+                    gateway.quota_planner,
+                )
             if self.queue is not None:
-                try:
-                    self.slot = await self._take_slot(admission)
-                finally:
-                    record.queue_s = time.perf_counter() - reserved
+                step, began = self._lap(step, began, "queue")
+                self.slot = await self._take_slot(admission)
         except GatewayError as exc:
             self.phase = Phase.DONE
             record.status = exc.status
             _refused(record, exc)
             return immediate(Reply.from_error(exc))
+        finally:
+            self._lap(step, began, "")
         self.admission = admission
         self.phase = Phase.UPSTREAM
         record.stream = admission.stream
         record.completion_cap = admission.completion_tokens
         record.notes = admission.notes
         return _admitted_reply(admission)
+
+    def _lap(self, step: str, began: float, following: str) -> tuple[str, float]:
+        """End `step` (the gateway's own time, or the wait in the admission queue); begin `following`."""
+        now = time.perf_counter()
+        if step == "queue":
+            assert self.record is not None
+            self.record.queue_s = now - began
+        else:
+            self.recorder.phase_time(step, now - began)
+        return following, now
 
     async def _take_slot(self, admission: Admission) -> Slot:
         """A place among the backend's in-flight requests, maybe after a bounded wait in its queue."""
@@ -487,11 +488,13 @@ def _record_for(need: NeedBody | None, headers: dict[str, str], started: float) 
 
 def _endpoint_of(headers: dict[str, str]) -> str:
     path = headers.get(names.PATH, "/").split("?", 1)[0]
-    return "models" if path == names.MODELS else _ENDPOINTS.get(path, "other")
+    if path == names.MODELS:
+        return "models"
+    translator = TRANSLATORS.get(path)
+    return translator.endpoint if translator is not None else "other"
 
 
 _MAX_REQUEST_ID = 128
-_ENDPOINTS = {names.CHAT_COMPLETIONS: "chat", names.COMPLETIONS: "completions", names.EMBEDDINGS: "embeddings"}
 
 
 def _refused(record: RequestRecord, error: GatewayError) -> None:

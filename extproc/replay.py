@@ -23,15 +23,13 @@ import orjson
 
 from extproc import errors
 from extproc.core import Gateway, check_prompt, completion_cap, context_check
+from extproc.endpoints import BY_ENDPOINT
 from extproc.errors import GatewayError
 from extproc.identity import Identity
 from extproc.quota.memory import MemoryStore
 from extproc.quota.plan import refusal
 from extproc.recorder import RequestRecord
 from extproc.routing import RequestFacts
-
-_GENERATES = frozenset({"chat", "completions"})
-_PROMPT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,11 +144,13 @@ class Replayer:
     async def _decide(self, entry: dict[str, Any]) -> Verdict:
         gateway = self.gateway
         endpoint = entry["endpoint"]
+        translator = BY_ENDPOINT[endpoint]
         identity = self._identity(entry.get("tenant"), entry.get("key"))
         if gateway.auth.enabled and identity is None:
             raise errors.unauthorized("The tenant of this logged request is not in the new policy.")
         requested_model = entry["model"]
-        model = gateway.model_for(identity, requested_model, endpoint)
+        scratch = RequestRecord(0.0, 0.0)  # the decision functions note what they learn; nothing reads it here
+        model = gateway.model_for(identity, requested_model, endpoint, scratch)
         requested_class = entry.get("requested_class")
         traffic_class = gateway.traffic_class(identity, requested_class)
         prompt_tokens = int(entry.get("counted_prompt_tokens") or 0)
@@ -167,11 +167,11 @@ class Replayer:
             prompt_tokens=prompt_tokens,
             messages=int(entry.get("messages") or 0),
         )
-        _, target = gateway.route(facts, model, RequestRecord(0.0, 0.0))
-        prompt_field = _PROMPT_FIELD.get(endpoint, "prompt")
+        _, target = gateway.route(facts, model, scratch)
+        prompt_field = translator.prompt_field
         check_prompt(target, prompt_tokens, requested_model, prompt_field)
         completion = 0
-        if endpoint in _GENERATES:
+        if translator.generates:
             requested = entry.get("max_tokens")
             completion = completion_cap(
                 target,
@@ -212,7 +212,7 @@ async def replay_async(gateway: Gateway, lines: Iterable[bytes | str]) -> Report
     for entry in read_log(lines):
         if (
             entry is None
-            or entry.get("endpoint") not in ("chat", "completions", "embeddings")
+            or entry.get("endpoint") not in BY_ENDPOINT
             or not entry.get("model")
             or entry.get("code") in _NOT_REPLAYABLE
             # A bad key stays a bad key: nothing in a policy change alters that.

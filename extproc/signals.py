@@ -45,21 +45,19 @@ class ContentSignals:
 
     def from_body(self, obj: Any) -> None:
         """A whole chat or completions response."""
-        for choice in _choices(obj):
-            self._finish(choice)
-            message = choice.get("message")
-            if isinstance(message, dict):
-                self._message(choice, message)
-            elif isinstance(choice.get("text"), str) and self.json_mode:
-                self._add_content(choice, choice["text"])
+        self._choices(obj, "message")
 
     def feed_chunk(self, obj: Any) -> None:
         """One streamed chunk: its deltas are assembled per choice and per tool call."""
+        self._choices(obj, "delta")
+
+    def _choices(self, obj: Any, part: str) -> None:
+        """Each choice's finish reason, and its `part` (message or delta), or a completion's text."""
         for choice in _choices(obj):
             self._finish(choice)
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                self._message(choice, delta)
+            message = choice.get(part)
+            if isinstance(message, dict):
+                self._message(choice, message)
             elif isinstance(choice.get("text"), str) and self.json_mode:
                 self._add_content(choice, choice["text"])
 

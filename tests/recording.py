@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Sequence
 
-from extproc.recorder import Recorder, RequestRecord
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc.access_log import AccessLog
+from extproc.core import Gateway
+from extproc.processor import RequestStream
+from extproc.quota.memory import MemoryStore
+from extproc.quota.service import QuotaService
+from extproc.recorder import NULL_RECORDER, Recorder, RequestRecord
 
 
 class CountingRecorder(Recorder):
@@ -53,3 +62,25 @@ class CountingRecorder(Recorder):
 
     def backend_load(self, backend: str, waiting: float | None, running: float | None, kv_cache: float | None) -> None:
         self.loads[backend] = (waiting, running, kv_cache)
+
+
+def run_exchanges(
+    gateway: Gateway,
+    exchanges: Sequence[Sequence[pb.ProcessingRequest]],
+    recorder: Recorder = NULL_RECORDER,
+    access_log: AccessLog | None = None,
+) -> None:
+    """Drive each exchange through its own RequestStream, with in-memory quotas, settling as the server does."""
+
+    async def run() -> None:
+        quotas = QuotaService(MemoryStore())
+        for messages in exchanges:
+            stream = RequestStream(gateway, quotas, recorder=recorder, access_log=access_log)
+            for message in messages:
+                await stream.handle(message)
+            settlement = stream.finish()
+            if settlement is not None:
+                quotas.settle(*settlement)
+        await quotas.drain()
+
+    asyncio.run(run())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from pathlib import Path
@@ -15,10 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.access_log import FIELDS, AccessLog
 from extproc.core import Gateway
 from extproc.policy import load_policy
-from extproc.processor import RequestStream
-from extproc.quota.memory import MemoryStore
-from extproc.quota.service import QuotaService
-from tests.recording import CountingRecorder
+from tests.recording import CountingRecorder, run_exchanges
 
 POLICY = Path(__file__).parent / "policies" / "quota.yaml"
 PROMPT = "the secret prompt text"
@@ -59,20 +55,7 @@ def drive(messages: list[pb.ProcessingRequest], tmp_path: Path, include_prompts:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     access_log = AccessLog(fd, include_prompts=include_prompts)
     recorder = CountingRecorder()
-
-    async def run() -> None:
-        quotas = QuotaService(MemoryStore())
-        stream = RequestStream(
-            Gateway.from_policy(load_policy(POLICY)), quotas, recorder=recorder, access_log=access_log
-        )
-        for message in messages:
-            await stream.handle(message)
-        settlement = stream.finish()
-        if settlement is not None:
-            quotas.settle(*settlement)
-        await quotas.drain()
-
-    asyncio.run(run())
+    run_exchanges(Gateway.from_policy(load_policy(POLICY)), [messages], recorder, access_log)
     access_log.close()
     os.close(fd)
     lines = path.read_bytes().splitlines()

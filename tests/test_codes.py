@@ -10,27 +10,26 @@ from extproc import codes, errors
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_every_constructor_answers_with_its_registered_status_and_outcome() -> None:
-    made = [
-        errors.invalid_request("x"),
-        errors.invalid_request("x", kind=codes.INVALID_JSON),
-        errors.model_not_found("m"),
-        errors.unsupported_endpoint("x"),
-        errors.model_not_allowed("m"),
-        errors.body_too_large(1),
-        errors.unsupported_media_type("text/plain"),
-        errors.method_not_allowed("GET", "/"),
-        errors.unauthorized("x"),
-        errors.quota_store_unavailable(),
-        errors.shed("interactive", "b", 1000, {}),
-        errors.shed("batch", "b", 1000, {}),
-        errors.internal_error("x"),
+def test_every_constructor_answers_with_the_status_code_and_outcome_a_client_and_a_dashboard_expect() -> None:
+    expected = [
+        (errors.invalid_request("x"), 400, None, "invalid"),
+        (errors.invalid_request("x", kind=codes.INVALID_JSON), 400, "invalid_json", "invalid"),
+        (errors.model_not_found("m"), 404, "model_not_found", "invalid"),
+        (errors.unsupported_endpoint("x"), 400, "unsupported_endpoint", "invalid"),
+        (errors.model_not_allowed("m"), 403, "model_not_allowed", "forbidden"),
+        (errors.body_too_large(1), 413, "request_too_large", "invalid"),
+        (errors.unsupported_media_type("text/plain"), 415, "unsupported_media_type", "invalid"),
+        (errors.method_not_allowed("GET", "/"), 405, "method_not_allowed", "invalid"),
+        (errors.unauthorized("x"), 401, "invalid_api_key", "unauthorized"),
+        (errors.quota_store_unavailable(), 503, "quota_store_unavailable", "unavailable"),
+        (errors.shed("interactive", "b", 1000, {}), 503, "backend_overloaded", "shed"),
+        (errors.shed("batch", "b", 1000, {}), 429, "shed", "shed"),
+        (errors.internal_error("x"), 500, "internal_error", "internal_error"),
     ]
-    for error in made:
-        registered = codes.REGISTRY[error.reason]
-        assert error.status == registered.status
-        assert error.kind.outcome == registered.outcome
-    assert errors.invalid_request("x").code is None  # OpenAI's plain validation errors carry `code: null`
+    for error, status, body_code, outcome in expected:
+        assert (error.status, error.code, error.kind.outcome) == (status, body_code, outcome), error.reason
+        assert error.reason in codes.REGISTRY  # the metrics' reason label is a registered code
+    assert errors.invalid_request("x").reason == "invalid_request"  # `code: null` in the body, a named reason
 
 
 def test_rule_codes_take_their_outcome_from_their_status() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -17,10 +16,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.access_log import AccessLog
 from extproc.core import Gateway
 from extproc.policy import Policy, example_policy_path, load_policy
-from extproc.processor import RequestStream
-from extproc.quota.memory import MemoryStore
-from extproc.quota.service import QuotaService
 from extproc.replay import replay
+from tests.recording import run_exchanges
 
 
 def _headers(pairs: dict[str, str]) -> base_pb2.HeaderMap:
@@ -46,20 +43,7 @@ def _request(key: str, body: dict[str, Any], extra: dict[str, str] | None = None
 def record_log(policy: Policy, requests: list[list[pb.ProcessingRequest]], path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     access_log = AccessLog(fd)
-
-    async def run() -> None:
-        gateway = Gateway.from_policy(policy)
-        quotas = QuotaService(MemoryStore())
-        for messages in requests:
-            stream = RequestStream(gateway, quotas, access_log=access_log)
-            for message in messages:
-                await stream.handle(message)
-            settlement = stream.finish()
-            if settlement is not None:
-                quotas.settle(*settlement)
-        await quotas.drain()
-
-    asyncio.run(run())
+    run_exchanges(Gateway.from_policy(policy), requests, access_log=access_log)
     access_log.close()
     os.close(fd)
 
