@@ -1,16 +1,18 @@
-"""The `extproc` command: serve, dev, policy check, fake-vllm."""
+"""The `extproc` command: serve, policy check, route, replay, size; development subcommands as plugins."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import signal
 import sys
-import time
+from collections.abc import Collection
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from extproc.policy import PolicyError, example_policy_path, load_policy
+
+PLUGIN_GROUP = "extproc.commands"
 
 
 def _env(name: str, default: str) -> str:
@@ -129,83 +131,6 @@ def _cmd_route(args: argparse.Namespace) -> int:
     return 0 if result.status == 200 else 1
 
 
-def _cmd_dev(args: argparse.Namespace) -> int:
-    from extproc.stack import LocalStack
-
-    try:
-        stack = LocalStack(
-            Path(args.policy),
-            listen_port=args.port,
-            workers=args.workers,
-            token_delay_ms=args.token_delay_ms,
-            redis_url=args.redis_url or None,
-            keep_logs=True,
-            upstream_base_port=args.port + 1,
-            metrics_port=args.metrics_port,
-            upstream_versions=dict.fromkeys(load_policy(args.policy).backends, "v1"),
-        )
-    except PolicyError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    stop_requested = False
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    print(f"extproc dev: starting (logs in {stack.work_dir})", flush=True)
-    try:
-        stack.start()
-    except RuntimeError as exc:
-        print(f"extproc dev: failed to start: {exc}", file=sys.stderr)
-        return 1
-    model = stack.policy.models[0].name
-    auth = " -H 'authorization: Bearer sk-demo'" if stack.policy.tenants else ""
-    backends = "\n".join(
-        f"             {u.name:<22} http://127.0.0.1:{u.port}  metrics http://127.0.0.1:{u.port}/metrics"
-        for u in stack.upstreams
-    )
-    print(
-        f"""
-extproc dev is running.
-  base URL : {stack.base_url}
-  policy   : {args.policy}
-  metrics  : {stack.metrics_url}  (the gateway: every worker summed)
-  backends : fake vLLMs, version v1 (steer load, version and faults: PUT http://127.0.0.1:PORT/fake/state)
-{backends}
-  logs     : {stack.work_dir}  (access log: one JSON line per request in extproc.log)
-  quotas   : {stack.redis_url or "in-memory (pass --redis-url to share them)"}
-
-Try it:
-  curl -s {stack.base_url}/chat/completions -H 'content-type: application/json'{auth} \\
-    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}' -i
-
-Or with the openai SDK: OpenAI(base_url="{stack.base_url}", api_key="sk-demo")
-Press Ctrl-C to stop.""",
-        flush=True,
-    )
-    code = 0
-    while not stop_requested:
-        dead = [p for p in stack.processes if not p.alive()]
-        if dead:
-            for process in dead:
-                print(f"extproc dev: {process.name} exited:\n{process.tail()}", file=sys.stderr)
-            code = 1
-            break
-        time.sleep(0.2)
-    print("\nextproc dev: stopping", flush=True)
-    stack.stop()
-    return code
-
-
-def _cmd_null(args: argparse.Namespace) -> int:
-    from extproc.null_processor import main as null_main
-
-    return null_main(args.listen, busy_us=args.busy_us, replay=Path(args.replay) if args.replay else None)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description="LLM traffic gateway (Envoy ext_proc)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,46 +236,32 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--json", action="store_true", help="print the report as JSON, with every change")
     replay_cmd.set_defaults(func=_cmd_replay)
 
-    dev = sub.add_parser("dev", help="run the local stack: Envoy + extproc + fake vLLMs")
-    dev.add_argument("--policy", default=str(example_policy_path()))
-    dev.add_argument("--port", type=int, default=10000, help="Envoy listener port")
-    dev.add_argument("--workers", type=int, default=1)
-    dev.add_argument("--redis-url", default="", help="use Redis for quotas (default: in-memory)")
-    dev.add_argument("--token-delay-ms", type=float, default=2.0, help="fake vLLM delay per generated token")
-    dev.add_argument("--metrics-port", type=int, default=9400, help="the gateway's Prometheus /metrics port")
-    dev.set_defaults(func=_cmd_dev)
+    from extproc.sizing import add_size_command
 
-    fake = sub.add_parser("fake-vllm", help="a protocol-faithful fake vLLM server", add_help=False)
-    fake.set_defaults(func=None)
+    add_size_command(sub)
 
-    bench = sub.add_parser("bench", help="the side-by-side benchmark (see bench/README.md)", add_help=False)
-    bench.set_defaults(func=None)
-
-    null = sub.add_parser("null-extproc", help="a do-nothing ext_proc (benchmark floor)")
-    null.add_argument("--listen", required=True)
-    null.add_argument(
-        "--busy-us",
-        type=float,
-        default=0.0,
-        help="burn this many microseconds of pure Python per request (a calibration point for the benchmark)",
-    )
-    null.add_argument(
-        "--replay",
-        help="answer request bodies and JSON response headers with recorded gateway replies (written by the bench)",
-    )
-    null.set_defaults(func=_cmd_null)
     return parser
+
+
+def _plugin_commands(argv: list[str], builtin: Collection[str]) -> list[EntryPoint]:
+    """The `extproc.commands` entry points to load for this command line.
+
+    A development install (extproc-dev) adds `dev`, `bench`, `fake-vllm` and `null-extproc`. Only
+    the one named is imported, so `extproc serve` never loads development code; all are loaded when
+    no known command is named, for the help text and the error.
+    """
+    plugins = list(entry_points(group=PLUGIN_GROUP))
+    named = [ep for ep in plugins if argv[:1] == [ep.name]]
+    if named or (argv[:1] and argv[0] in builtin):
+        return named
+    return plugins
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["fake-vllm"]:
-        from extproc.fake_vllm import main as fake_main
-
-        return fake_main(argv[1:])
-    if argv[:1] == ["bench"]:
-        from extproc.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for plugin in _plugin_commands(argv, builtin=set(subparsers.choices)):
+        plugin.load()(subparsers)
+    args = parser.parse_args(argv)
     return int(args.func(args))

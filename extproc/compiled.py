@@ -68,7 +68,7 @@ class CompiledPolicy:
     digest: str  # sha256 of the normalized policy, to tell which one is in force
 
 
-def _target(spec: ModelPolicy, backend_name: str, backend: BackendPolicy, policy: Policy) -> Target:
+def target_for(spec: ModelPolicy, backend_name: str, backend: BackendPolicy, policy: Policy) -> Target:
     gw = policy.gateway
     own = backend_name == spec.backend
 
@@ -117,7 +117,7 @@ def compile_policy(
             cap_action=spec.completion_cap or policy.gateway.completion_cap,
             allowed_params=frozenset(spec.params.allow) if spec.params.allow is not None else None,
             denied_params=frozenset(spec.params.deny),
-            targets={name: _target(spec, name, backend, policy) for name, backend in policy.backends.items()},
+            targets={name: target_for(spec, name, backend, policy) for name, backend in policy.backends.items()},
             max_model_len=spec.max_model_len,
         )
         for public in (spec.name, *spec.aliases):

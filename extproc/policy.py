@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from extproc import names
 
@@ -237,6 +237,15 @@ class RuleReject(_Strict):
     status: int = Field(default=400, ge=400, le=599)
     code: str = Field(min_length=1, pattern=r"^[a-z][a-z0-9_]*$")
     message: str = Field(min_length=1)
+
+    @field_validator("status")
+    @classmethod
+    def _not_reserved(cls, status: int) -> int:
+        from extproc.filter_contract import RESERVED_STATUSES  # it imports this module
+
+        if status in RESERVED_STATUSES:
+            raise ValueError(f"{status} is reserved for Envoy's replies about the gateway itself")
+        return status
 
 
 class RulePolicy(_Strict):

@@ -26,6 +26,7 @@ from extproc.admission import AdmissionQueue, Shed, Slot
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.endpoints import TRANSLATORS
 from extproc.errors import GatewayError
+from extproc.filter_contract import MODE_OVERRIDES, RESPONSE_HEADERS_WITH_MODE
 from extproc.load import BackendLoad
 from extproc.quota.service import QuotaService, Reservation
 from extproc.recorder import NULL_RECORDER, Recorder, RequestRecord
@@ -59,13 +60,6 @@ _PASSTHROUGH_MODE = _Mode(
     request_trailer_mode=_Mode.SKIP,
     response_trailer_mode=_Mode.SKIP,
 )
-RESPONSE_BODY_MODES = {
-    BodyMode.STREAMED: _Mode(response_body_mode=_Mode.STREAMED, response_trailer_mode=_Mode.SKIP),
-    # BUFFERED_PARTIAL: a JSON body over Envoy's buffer limit is passed on rather than failed with 500.
-    BodyMode.BUFFERED: _Mode(response_body_mode=_Mode.BUFFERED_PARTIAL, response_trailer_mode=_Mode.SKIP),
-}
-_MODE_OVERRIDES = {mode: wire.mode_override(override) for mode, override in RESPONSE_BODY_MODES.items()}
-RESPONSE_HEADERS_WITH_MODE = {mode: _CONTINUE_RESPONSE_HEADERS + field for mode, field in _MODE_OVERRIDES.items()}
 _PASSTHROUGH_OVERRIDE = wire.mode_override(_PASSTHROUGH_MODE)
 _CONTINUE_PASSTHROUGH = _CONTINUE_REQUEST_HEADERS + _PASSTHROUGH_OVERRIDE
 
@@ -363,7 +357,7 @@ class RequestStream:
         if self.reservation is None:
             return _CONTINUE_RESPONSE_HEADERS if done else RESPONSE_HEADERS_WITH_MODE[mode]
         mutation = wire.header_mutation(self.reservation.rate_limit_headers())
-        return wire.reply("response_headers", mutation, mode_override=b"" if done else _MODE_OVERRIDES[mode])
+        return wire.reply("response_headers", mutation, mode_override=b"" if done else MODE_OVERRIDES[mode])
 
     def _on_response_body(self, message: pb.HttpBody, started: float) -> Wire:
         assert self.watcher is not None and self.record is not None  # set with the headers that chose a mode

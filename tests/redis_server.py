@@ -19,7 +19,7 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
-from extproc.stack import free_port
+from extproc_dev.stack import free_port
 
 
 class RedisServerNotInstalled(RuntimeError):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc import bench
-from extproc.bench import GATEWAY, NULL, Report, Round, Saturation, Settings, WrkResult, paired_ratio, targets
+from extproc_dev import bench
+from extproc_dev.bench import GATEWAY, NULL, Report, Round, Saturation, Settings, WrkResult, paired_ratio, targets
 
 
 def saturation(config: bench.Config, rates: list[float]) -> Saturation:
@@ -63,7 +63,7 @@ def test_worker_scaling_is_judged_only_where_a_core_is_left_idle() -> None:
 def test_recorded_replies_carry_the_gateway_decisions(tmp_path: Path) -> None:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    from extproc.null_processor import dump_replies, load_replies
+    from extproc_dev.null_processor import dump_replies, load_replies
 
     replies = bench.record_gateway_replies(bench.bench_policy(tmp_path), bench.chat_body(8))
     assert set(replies) == {"request_headers", "request_body", "response_headers", "response_body"}

@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from extproc.stack import LocalStack, free_port, running
+from extproc_dev.stack import LocalStack, free_port, running
 
 pytestmark = pytest.mark.envoy
 

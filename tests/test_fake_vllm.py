@@ -28,8 +28,8 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from extproc.fake_vllm import build_app
-from extproc.stack import free_port
+from extproc_dev.fake_vllm import build_app
+from extproc_dev.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -781,7 +781,7 @@ def test_subprocess_serves_and_exits_cleanly_on_sigterm() -> None:
         [
             sys.executable,
             "-m",
-            "extproc.fake_vllm",
+            "extproc_dev.fake_vllm",
             "--port",
             str(port),
             "--name",
@@ -830,7 +830,7 @@ def test_subprocess_serves_and_exits_cleanly_on_sigterm() -> None:
 
 
 def test_main_rejects_bad_model_spec(capsys: pytest.CaptureFixture[str]) -> None:
-    from extproc.fake_vllm import main
+    from extproc_dev.fake_vllm import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--port", "1", "--name", "x", "--model", "nomaxlen"])
@@ -839,7 +839,7 @@ def test_main_rejects_bad_model_spec(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_main_rejects_bad_state(capsys: pytest.CaptureFixture[str]) -> None:
-    from extproc.fake_vllm import main
+    from extproc_dev.fake_vllm import main
 
     for state in ('{"bogus": 1}', '{"status": 200}', "{not json", "[]"):
         with pytest.raises(SystemExit) as exc:

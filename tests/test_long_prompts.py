@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc import bench
 from extproc.core import Gateway
 from extproc.policy import TokenizerSpec, load_policy
 from extproc.processor import OFFLOAD_BODY_BYTES, RequestStream
-from extproc.stack import LocalStack, free_port, running
 from extproc.tokenizer import RememberedCounts, counter_for
+from extproc_dev import bench
+from extproc_dev.stack import LocalStack, free_port, running
 
 LONG_TOKENS = 60_000  # a few tens of milliseconds of counting: far longer than a short request takes
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc import bench
-from extproc.null_processor import dump_replies
-from extproc.stack import LocalStack, free_port, running
+from extproc_dev import bench
+from extproc_dev.null_processor import dump_replies
+from extproc_dev.stack import LocalStack, free_port, running
 
 pytestmark = pytest.mark.envoy
 

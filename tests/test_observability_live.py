@@ -33,7 +33,7 @@ import pytest
 
 from extproc.access_log import FIELDS
 from extproc.policy import example_policy_path, load_policy
-from extproc.stack import LocalStack, free_port, running
+from extproc_dev.stack import LocalStack, free_port, running
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from extproc import stack
+from extproc_dev import stack
 
 
 def test_free_port_never_repeats_within_a_process(monkeypatch) -> None:
@@ -19,7 +19,7 @@ def test_a_port_claimed_by_another_process_is_not_handed_out(monkeypatch) -> Non
     monkeypatch.setattr(stack, "_candidate_ports", lambda: range(11_100, 11_103))
     # Another process claims whatever it is given from the same three-port range and stays alive.
     code = (
-        "import sys; from extproc import stack; "
+        "import sys; from extproc_dev import stack; "
         "stack._candidate_ports = lambda: range(11_100, 11_103); "
         "print(stack.free_port(), flush=True); sys.stdin.read()"
     )

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from extproc.policy import TokenizerSpec
-from extproc.stack import LocalStack, free_port, running
 from extproc.tokenizer import counter_for
+from extproc_dev.stack import LocalStack, free_port, running
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.envoy

@@ -460,7 +460,7 @@ async def test_redis_admissions_of_one_turn_share_a_round_trip(redis_server: Red
 
 @pytest.mark.asyncio
 async def test_unreachable_redis_is_store_unavailable_quickly() -> None:
-    from extproc.stack import free_port
+    from extproc_dev.stack import free_port
 
     store, now = RedisStore(f"redis://127.0.0.1:{free_port()}/0"), now_ms_()
     rule = LimitRule("xp:{t}:rpm", "counter", 10, now + MINUTE_MS)

@@ -17,7 +17,7 @@ import yaml
 
 from extproc.policy import load_policy
 from extproc.reload import PolicyWatcher, restart_only_changes
-from extproc.stack import LocalStack, free_port, running
+from extproc_dev.stack import LocalStack, free_port, running
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 

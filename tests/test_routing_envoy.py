@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from extproc.policy import example_policy_path
-from extproc.stack import LocalStack, free_port, running
+from extproc_dev.stack import LocalStack, free_port, running
 
 pytestmark = pytest.mark.envoy
 

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.server import HEALTH_SERVICE_NAME
-from extproc.stack import LocalStack, free_port, running
+from extproc_dev.stack import LocalStack, free_port, running
 
 
 def _children(pid: int) -> list[int]:
@@ -189,7 +189,7 @@ def test_forked_workers_both_take_streams_behind_envoy(gateway_policy_path: Path
 
     import aiohttp
 
-    from extproc.bench import cpu_seconds, process_tree
+    from extproc_dev.bench import cpu_seconds, process_tree
 
     stack = LocalStack(
         gateway_policy_path, listen_port=free_port(), workers=2, envoy_concurrency=2, log_level="warning"

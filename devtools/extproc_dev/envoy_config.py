@@ -1,4 +1,4 @@
-"""Envoy bootstrap for local runs: the same filter shape the mesh EnvoyFilter installs.
+"""Envoy bootstrap for local runs: the ext_proc filter from `extproc.filter_contract`, as in the mesh.
 
 ext_proc sits before the router; one route per backend matches the routing header
 the gateway sets; anything else goes to the default backend.
@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
-from extproc import names
-from extproc.policy import Policy
+from extproc import filter_contract
+
+# The local stack's name for the gateway's cluster (the mesh uses Istio's own `outbound|...` name).
+EXTPROC_CLUSTER = "extproc"
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,6 @@ class EnvoySetup:
     # Envoy ignores the server's SETTINGS_MAX_CONCURRENT_STREAMS (envoyproxy/envoy#13933), so this is
     # the only way to make it open several connections, which SO_REUSEPORT workers need to share load.
     extproc_streams_per_connection: int = 0
-
-
-def message_timeout_ms(policy: Policy) -> int:
-    """Envoy's per-message ext_proc timeout for a policy: it must outlast the admission queue's wait.
-
-    The reply to the request body is sent only when the request leaves the queue, so a message
-    timeout at or below `queue.max_wait_ms` would turn every queued request into Envoy's 504.
-    One second on top covers counting a long prompt; 2 s is the floor the local stack always had.
-    """
-    return max(2000, policy.queue.max_wait_ms + 1000)
 
 
 def _cluster(
@@ -84,72 +76,6 @@ def _cluster(
     return cluster
 
 
-def _ext_proc_filter(setup: EnvoySetup) -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "30s"},
-            "failure_mode_allow": False,
-            "message_timeout": f"{setup.message_timeout_ms / 1000}s",
-            "allow_mode_override": True,
-            "response_attributes": list(names.VERSION_ATTRIBUTES),
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": "BUFFERED",
-                "request_trailer_mode": "SKIP",
-                "response_header_mode": "SEND",
-                "response_body_mode": "NONE",  # switched per response with mode_override
-                "response_trailer_mode": "SKIP",
-            },
-        },
-    }
-
-
-def _local_reply_config(setup: EnvoySetup) -> dict[str, Any]:
-    """Envoy's own error replies in the OpenAI error shape, so SDKs parse them."""
-
-    def mapper(status: int, message: str, type_: str, code: str, flags: list[str] | None = None) -> dict[str, Any]:
-        status_filter = {
-            "status_code_filter": {
-                "comparison": {
-                    "op": "EQ",
-                    "value": {"default_value": status, "runtime_key": f"extproc_local_reply_{status}"},
-                }
-            }
-        }
-        the_filter: dict[str, Any] = status_filter
-        if flags:
-            the_filter = {"and_filter": {"filters": [status_filter, {"response_flag_filter": {"flags": flags}}]}}
-        return {
-            "filter": the_filter,
-            "body_format_override": {
-                "json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}},
-                "content_type": "application/json",
-            },
-        }
-
-    return {
-        "mappers": [
-            # Our own 413 has the same text; this one covers bodies without content-length.
-            mapper(
-                413,
-                f"Request body exceeds the gateway's limit of {setup.max_body_bytes} bytes.",
-                "invalid_request_error",
-                "request_too_large",
-            ),
-            mapper(
-                503,
-                "The model backend is unavailable.",
-                "server_error",
-                "backend_unavailable",
-                ["UH", "UF", "UO", "URX", "NR"],
-            ),
-            mapper(504, "The model backend timed out.", "server_error", "backend_timeout", ["UT"]),
-        ]
-    }
-
-
 def render(setup: EnvoySetup) -> str:
     routes: list[dict[str, Any]] = []
     for upstream in setup.upstreams:
@@ -171,16 +97,15 @@ def render(setup: EnvoySetup) -> str:
     )
     http_filters: list[dict[str, Any]] = []
     if setup.extproc_port is not None:
-        http_filters.append(_ext_proc_filter(setup))
+        http_filters.append(filter_contract.ext_proc_filter(EXTPROC_CLUSTER, setup.message_timeout_ms))
     http_filters.append(
         {
-            "name": "envoy.filters.http.router",
+            "name": filter_contract.ROUTER_FILTER,
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         }
     )
     hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-        ".HttpConnectionManager",
+        "@type": filter_contract.HCM_TYPE,
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
         "stream_idle_timeout": "300s",
@@ -189,13 +114,13 @@ def render(setup: EnvoySetup) -> str:
             "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
         },
         "http_filters": http_filters,
-        "local_reply_config": _local_reply_config(setup),
+        "local_reply_config": filter_contract.local_reply_config(setup.max_body_bytes),
     }
     clusters = [_cluster(f"backend_{u.name}", u.host, [u.port], workload=u.workload) for u in setup.upstreams]
     if setup.extproc_port is not None:
         ports = [setup.extproc_port, *setup.extra_extproc_ports]
         clusters.append(
-            _cluster("extproc", "127.0.0.1", ports, http2=True, streams=setup.extproc_streams_per_connection)
+            _cluster(EXTPROC_CLUSTER, "127.0.0.1", ports, http2=True, streams=setup.extproc_streams_per_connection)
         )
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": setup.admin_port}}},
@@ -204,10 +129,9 @@ def render(setup: EnvoySetup) -> str:
                 {
                     "name": "llm",
                     "address": {"socket_address": {"address": setup.host, "port_value": setup.listen_port}},
-                    # BUFFERED bodies live in this buffer: it must hold the largest body we accept.
-                    "per_connection_buffer_limit_bytes": setup.max_body_bytes + (64 << 10),
+                    "per_connection_buffer_limit_bytes": filter_contract.listener_buffer_limit(setup.max_body_bytes),
                     "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                        {"filters": [{"name": filter_contract.HCM_FILTER, "typed_config": hcm}]}
                     ],
                 }
             ],

@@ -1,7 +1,7 @@
 """`extproc bench`: the side-by-side benchmark (direct Envoy, null ext_proc, our gateway).
 
 Every configuration runs through a real Envoy and the same fake vLLM upstream, started
-by `extproc.stack.LocalStack` on free loopback ports:
+by `extproc_dev.stack.LocalStack` on free loopback ports:
 
 * A ``direct``  -- Envoy routes straight to the upstream (no ext_proc filter);
 * B ``null``    -- Envoy + a null ext_proc that answers CONTINUE to the same messages
@@ -11,7 +11,7 @@ by `extproc.stack.LocalStack` on free loopback ports:
   plus the same with info logging, with the access log off, and with two worker processes.
 
 What is measured, and how, is described in bench/README.md. Run it with
-``extproc bench`` (or ``python -m extproc.bench``); ``--quick`` is a smoke run.
+``extproc bench`` (or ``python -m extproc_dev.bench``); ``--quick`` is a smoke run.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import orjson
 import yaml
 
 from extproc.policy import Policy, PolicyError, example_policy_path, load_policy, parse_policy
-from extproc.stack import LocalStack, envoy_binary, free_port, running
+from extproc_dev.stack import LocalStack, envoy_binary, free_port, running
 
 if TYPE_CHECKING:
     from extproc.core import Gateway
@@ -1599,7 +1599,7 @@ def run(
     report.routing = measure_routing(settings)
     log(routing_summary(report.routing))
     calibrated = dataclasses.replace(NULL_CALIBRATED, null_busy_us=round(report.in_process.microseconds, 1))
-    from extproc.null_processor import dump_replies
+    from extproc_dev.null_processor import dump_replies
 
     replies = work_dir / "gateway-replies.json"
     dump_replies(record_gateway_replies(policy, chat_body(settings.max_tokens)), replies)
@@ -1995,7 +1995,8 @@ def _routing_lines(report: Report) -> list[str]:
         "## Routing rules (in process, no load)",
         "",
         f"`RuleTable.evaluate` on a {cost.rules}-rule policy (the example policy with its rules replaced by "
-        f"`extproc.bench.ROUTING_BENCH_RULES`: refusals, tenant and tier overrides, then general routes; matchers on "
+        "`extproc_dev.bench.ROUTING_BENCH_RULES`: refusals, tenant and tier overrides, then general routes; "
+        "matchers on "
         "tenants, tiers, classes, endpoints, models and aliases, JSON mode, tools, quality, prompt-token and "
         f"message ranges). Median of {cost.repeats} timeit loops of {cost.loops:,} calls each, GC off. *Memo hit*: "
         "the request's discrete facts were seen before, so only the ranges of the rules left are checked (the "
@@ -2141,9 +2142,10 @@ def _reproduce_command(argv: Sequence[str]) -> str:
     return shlex.join(["extproc", "bench", *argv])
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="extproc bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
+DESCRIPTION = __doc__.split("\n\n")[0] if __doc__ else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short durations: a smoke run (about a minute)")
     parser.add_argument("--out", type=Path, help="also write the markdown report to this file")
     parser.add_argument("--policy", type=Path, help=f"base policy instead of the example (must define {BENCH_MODEL!r})")
@@ -2159,7 +2161,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also py-spy the gateway under load and list the top functions (needs py-spy)",
     )
-    args = parser.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     settings = Settings.quick() if args.quick else Settings()
     if args.rounds:
         settings = dataclasses.replace(settings, rounds=max(1, args.rounds))
@@ -2186,6 +2190,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="extproc bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv), argv)
 
 
 if __name__ == "__main__":

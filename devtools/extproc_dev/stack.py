@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from extproc.envoy_config import EnvoySetup, Upstream, message_timeout_ms, render
+from extproc.filter_contract import message_timeout_ms
 from extproc.policy import Policy, load_policy
+from extproc_dev.envoy_config import EnvoySetup, Upstream, render
 
 
 def _ephemeral_range() -> tuple[int, int]:

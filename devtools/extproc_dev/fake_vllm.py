@@ -6,7 +6,7 @@ a GPU or the `vllm` package. Output is deterministic: a request asking for N
 tokens always gets the same N short words, so tests can control stream length
 through `max_tokens`.
 
-Run standalone with `python -m extproc.fake_vllm --port 8001 --name a`.
+Run standalone with `python -m extproc_dev.fake_vllm --port 8001 --name a`.
 
 `PUT /fake/state` changes what the fake reports and how it fails at runtime (queue
 and KV-cache figures on `/metrics`, error statuses, delays, connection resets), so
@@ -954,8 +954,10 @@ def _state_arg(value: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fake-vllm", description="Fake vLLM OpenAI-compatible server.")
+DESCRIPTION = "Fake vLLM OpenAI-compatible server."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--name", required=True, help="value of the x-served-by response header")
@@ -975,7 +977,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="initial /fake/state knobs, e.g. '{\"num_requests_waiting\": 5}'",
     )
-    return p
 
 
 async def _run_until_signal(args: argparse.Namespace) -> None:
@@ -1001,7 +1002,12 @@ async def _run_until_signal(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="fake-vllm", description=DESCRIPTION)
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loop_factory = None

@@ -28,7 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.core import BodyMode
-from extproc.processor import RESPONSE_HEADERS_WITH_MODE
+from extproc.filter_contract import RESPONSE_HEADERS_WITH_MODE
 from extproc.wire import add_processor_to_server
 
 # Serialized once and sent as they are, exactly as the gateway sends its own fixed replies.

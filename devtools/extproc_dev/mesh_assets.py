@@ -1,0 +1,170 @@
+"""The files under mesh/ and docker/ that are derived from another source, and their generator.
+
+kustomize reads only files inside a kustomization's own directory, so what the manifests share
+with the rest of the repository is written there as a copy and checked: `extproc mesh-assets`
+writes them, `extproc mesh-assets --check` (and a test) fails when one is stale.
+
+- the policy ConfigMap's file: a copy of the example policy (`extproc/examples/policy.yaml`);
+- the EnvoyFilters: rendered from `extproc.filter_contract`, the one source of the filter's shape;
+- the dashboard ConfigMap's file and the PrometheusRule: from `observability/`;
+- the compose stack's Envoy bootstrap (`docker/envoy.yaml`): the local stack's renderer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from extproc import filter_contract
+from extproc.policy import Policy, example_policy_path, load_policy
+
+ROOT: Final = Path(__file__).resolve().parents[2]
+MESH: Final = ROOT / "mesh"
+
+# Where the gateway runs in the mesh; the manifests and the EnvoyFilter agree on these.
+NAMESPACE: Final = "llm-serving"
+EXTPROC_SERVICE: Final = "extproc"
+EXTPROC_GRPC_PORT: Final = 50051
+# Istio's own cluster for the gateway's Service: traffic to it is ISTIO_MUTUAL mTLS, and HTTP/2
+# because the Service port is named `grpc` with `appProtocol: grpc`.
+EXTPROC_CLUSTER: Final = f"outbound|{EXTPROC_GRPC_PORT}||{EXTPROC_SERVICE}.{NAMESPACE}.svc.cluster.local"
+# The port clients call the LLM Service on; the sidecar filter is installed on that listener only.
+LLM_PORT: Final = 8000
+# The ingress gateway: its pods' label and the container port its Gateway server listens on.
+INGRESS_NAMESPACE: Final = "istio-system"
+INGRESS_SELECTOR: Final = {"istio": "ingressgateway"}
+INGRESS_PORT: Final = 8080
+# Client workloads opt in with this pod label (the SIDECAR_OUTBOUND filter's workloadSelector).
+CLIENT_LABEL: Final = {"llm.extproc.io/client": "true"}
+
+
+def _patches(context: str, port: int, policy: Policy) -> list[dict[str, Any]]:
+    listener = {"portNumber": port, "filterChain": {"filter": {"name": filter_contract.HCM_FILTER}}}
+    router = {
+        "portNumber": port,
+        "filterChain": {
+            "filter": {"name": filter_contract.HCM_FILTER, "subFilter": {"name": filter_contract.ROUTER_FILTER}}
+        },
+    }
+    return [
+        {
+            "applyTo": "HTTP_FILTER",
+            "match": {"context": context, "listener": router},
+            "patch": {
+                "operation": "INSERT_BEFORE",
+                "value": filter_contract.ext_proc_filter(EXTPROC_CLUSTER, filter_contract.message_timeout_ms(policy)),
+            },
+        },
+        {
+            # Envoy's own errors (the gateway unreachable, a backend down) in the OpenAI error shape.
+            "applyTo": "NETWORK_FILTER",
+            "match": {"context": context, "listener": listener},
+            "patch": {
+                "operation": "MERGE",
+                "value": {
+                    "name": filter_contract.HCM_FILTER,
+                    "typed_config": {
+                        "@type": filter_contract.HCM_TYPE,
+                        "local_reply_config": filter_contract.local_reply_config(policy.gateway.max_body_bytes),
+                    },
+                },
+            },
+        },
+        {
+            # BUFFERED request bodies must fit the listener's buffer (Istio's edge profile uses 32 KiB).
+            "applyTo": "LISTENER",
+            "match": {"context": context, "listener": {"portNumber": port}},
+            "patch": {
+                "operation": "MERGE",
+                "value": {
+                    "per_connection_buffer_limit_bytes": filter_contract.listener_buffer_limit(
+                        policy.gateway.max_body_bytes
+                    )
+                },
+            },
+        },
+    ]
+
+
+def envoy_filters(policy: Policy) -> list[dict[str, Any]]:
+    """The EnvoyFilters that put the gateway in front of the router: at the ingress and in clients."""
+
+    def envoy_filter(name: str, selector: dict[str, str], context: str, port: int) -> dict[str, Any]:
+        return {
+            "apiVersion": "networking.istio.io/v1alpha3",
+            "kind": "EnvoyFilter",
+            "metadata": {
+                "name": name,
+                "namespace": INGRESS_NAMESPACE,
+                "labels": {"app.kubernetes.io/part-of": "extproc"},
+            },
+            "spec": {
+                "workloadSelector": {"labels": selector},
+                "configPatches": _patches(context, port, policy),
+            },
+        }
+
+    return [
+        envoy_filter("extproc-ingress", INGRESS_SELECTOR, "GATEWAY", INGRESS_PORT),
+        # In the root namespace, so it applies to labelled clients in every namespace.
+        envoy_filter("extproc-clients", CLIENT_LABEL, "SIDECAR_OUTBOUND", LLM_PORT),
+    ]
+
+
+_HEADER = "# Generated by `extproc mesh-assets` from {source}: edit that, then run it again.\n"
+
+
+def _envoy_filter_file() -> str:
+    policy = load_policy(example_policy_path())
+    return _HEADER.format(source="extproc/filter_contract.py and the example policy") + yaml.safe_dump_all(
+        envoy_filters(policy), sort_keys=False
+    )
+
+
+def _copy(source: Path) -> Callable[[], str]:
+    return lambda: source.read_text()
+
+
+# Every derived file, by its path from the repository root.
+ASSETS: dict[str, Callable[[], str]] = {
+    "mesh/base/gateway/policy.yaml": _copy(example_policy_path()),
+    "mesh/base/gateway/envoyfilter.yaml": _envoy_filter_file,
+}
+
+
+def stale() -> list[str]:
+    """The derived files that differ from what their sources give now."""
+    out = []
+    for relative, render in ASSETS.items():
+        path = ROOT / relative
+        if not path.exists() or path.read_text() != render():
+            out.append(relative)
+    return out
+
+
+def write() -> list[str]:
+    written = []
+    for relative, render in ASSETS.items():
+        path = ROOT / relative
+        text = render()
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            written.append(relative)
+    return written
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.check:
+        out = stale()
+        for relative in out:
+            print(f"{relative}: stale; run `extproc mesh-assets`", file=sys.stderr)
+        return 1 if out else 0
+    for relative in write():
+        print(f"wrote {relative}")
+    return 0
