@@ -236,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--json", action="store_true", help="print the report as JSON, with every change")
     replay_cmd.set_defaults(func=_cmd_replay)
 
+    from extproc.healthcheck import add_health_command
     from extproc.sizing import add_size_command
 
     add_size_command(sub)
+    add_health_command(sub)
 
     return parser
 

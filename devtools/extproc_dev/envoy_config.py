@@ -6,6 +6,7 @@ the gateway sets; anything else goes to the default backend.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,19 @@ class EnvoySetup:
     # Envoy ignores the server's SETTINGS_MAX_CONCURRENT_STREAMS (envoyproxy/envoy#13933), so this is
     # the only way to make it open several connections, which SO_REUSEPORT workers need to share load.
     extproc_streams_per_connection: int = 0
+    # Where the ext_proc replicas and Envoy's admin listen. A host that is not an IP address is a DNS
+    # name (a compose service): its cluster is STRICT_DNS. The admin stays on loopback unless a
+    # container has to publish it.
+    extproc_host: str = "127.0.0.1"
+    admin_host: str = "127.0.0.1"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _cluster(
@@ -54,9 +68,10 @@ def _cluster(
     if workload is not None:
         for endpoint in endpoints:
             endpoint["metadata"] = {"filter_metadata": {"istio": {"workload": workload}}}
+    dns = not _is_ip(host)
     cluster: dict[str, Any] = {
         "name": name,
-        "type": "STATIC",
+        "type": "STRICT_DNS" if dns else "STATIC",
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": {
@@ -64,6 +79,11 @@ def _cluster(
             "endpoints": [{"lb_endpoints": endpoints}],
         },
     }
+    if dns:
+        # Every address behind the name is an endpoint (compose scales a service to several), re-resolved
+        # as containers come and go. IPv4 only: compose networks have no IPv6 unless enabled, and AUTO
+        # would ask for AAAA records first on every refresh.
+        cluster["dns_lookup_family"] = "V4_ONLY"
     if http2:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -119,20 +139,17 @@ def render(setup: EnvoySetup) -> str:
     clusters = [_cluster(f"backend_{u.name}", u.host, [u.port], workload=u.workload) for u in setup.upstreams]
     if setup.extproc_port is not None:
         ports = [setup.extproc_port, *setup.extra_extproc_ports]
-        clusters.append(
-            _cluster(EXTPROC_CLUSTER, "127.0.0.1", ports, http2=True, streams=setup.extproc_streams_per_connection)
-        )
+        streams = setup.extproc_streams_per_connection
+        clusters.append(_cluster(EXTPROC_CLUSTER, setup.extproc_host, ports, http2=True, streams=streams))
     bootstrap = {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": setup.admin_port}}},
+        "admin": {"address": {"socket_address": {"address": setup.admin_host, "port_value": setup.admin_port}}},
         "static_resources": {
             "listeners": [
                 {
                     "name": "llm",
                     "address": {"socket_address": {"address": setup.host, "port_value": setup.listen_port}},
                     "per_connection_buffer_limit_bytes": filter_contract.listener_buffer_limit(setup.max_body_bytes),
-                    "filter_chains": [
-                        {"filters": [{"name": filter_contract.HCM_FILTER, "typed_config": hcm}]}
-                    ],
+                    "filter_chains": [{"filters": [{"name": filter_contract.HCM_FILTER, "typed_config": hcm}]}],
                 }
             ],
             "clusters": clusters,

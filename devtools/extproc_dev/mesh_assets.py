@@ -7,6 +7,8 @@ writes them, `extproc mesh-assets --check` (and a test) fails when one is stale.
 - the policy ConfigMap's file: a copy of the example policy (`extproc/examples/policy.yaml`);
 - the EnvoyFilters: rendered from `extproc.filter_contract`, the one source of the filter's shape;
 - the dashboard ConfigMap's file and the PrometheusRule: from `observability/`;
+- the KEDA ScaledObjects: one per vLLM Deployment under `mesh/base/vllm/`, each with `scaling_query`;
+- the dev overlay's `--load-url` arguments: one per backend of the example policy;
 - the compose stack's Envoy bootstrap (`docker/envoy.yaml`): the local stack's renderer.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,6 +25,7 @@ import yaml
 
 from extproc import filter_contract
 from extproc.policy import Policy, example_policy_path, load_policy
+from extproc_dev import compose
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 MESH: Final = ROOT / "mesh"
@@ -41,6 +45,24 @@ INGRESS_SELECTOR: Final = {"istio": "ingressgateway"}
 INGRESS_PORT: Final = 8080
 # Client workloads opt in with this pod label (the SIDECAR_OUTBOUND filter's workloadSelector).
 CLIENT_LABEL: Final = {"llm.extproc.io/client": "true"}
+# The gateway's Prometheus /metrics port (Service port `http-metrics`).
+EXTPROC_METRICS_PORT: Final = 9400
+# Every backend B is the Service `vllm-B` on this port (named `http`); its pods carry these labels.
+VLLM_PORT: Final = 8000
+BACKEND_LABEL: Final = "llm.extproc.io/backend"
+COMPONENT_LABEL: Final = {"app.kubernetes.io/component": "vllm"}
+# The directory under mesh/models/ holding the config.json of a Deployment's checkpoint.
+MODEL_CONFIG_ANNOTATION: Final = "llm.extproc.io/model-config"
+# The Prometheus the Prometheus Operator runs (its `prometheus-operated` Service): KEDA queries it.
+PROMETHEUS_URL: Final = "http://prometheus-operated.monitoring.svc.cluster.local:9090"
+
+
+def vllm_service(backend: str) -> str:
+    return f"vllm-{backend}"
+
+
+def vllm_host(backend: str) -> str:
+    return f"{vllm_service(backend)}.{NAMESPACE}.svc.cluster.local"
 
 
 def _patches(context: str, port: int, policy: Policy) -> list[dict[str, Any]]:
@@ -130,10 +152,199 @@ def _copy(source: Path) -> Callable[[], str]:
     return lambda: source.read_text()
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (PromQL, alert descriptions) as `|` blocks, so the output reads like its source."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _represent_str)
+
+
+def _dump_all(documents: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(documents, Dumper=_BlockDumper, sort_keys=False, width=120)
+
+
+ALERTS_SOURCE: Final = ROOT / "observability" / "prometheus" / "alerts.yaml"
+DASHBOARD_SOURCE: Final = ROOT / "observability" / "grafana" / "extproc.json"
+
+
+def prometheus_rule() -> dict[str, Any]:
+    """The alert rules as a PrometheusRule: the rule file's `groups`, unchanged, under `spec`."""
+    groups = yaml.safe_load(ALERTS_SOURCE.read_text())["groups"]
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "extproc",
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/part-of": "extproc"},
+        },
+        "spec": {"groups": groups},
+    }
+
+
+def _prometheus_rule_file() -> str:
+    return _HEADER.format(source="observability/prometheus/alerts.yaml") + _dump_all([prometheus_rule()])
+
+
+# --- KEDA: one ScaledObject per vLLM Deployment ----------------------------------------------
+
+
+def scaling_query(namespace: str, backend: str) -> str:
+    """Queue pressure on a backend, as observability/keda.md defines it: vLLM's waiting requests plus
+    the gateway's admission queue for the backend, each half `or vector(0)` so neither empties the sum.
+
+    Every Deployment of a backend scales on it, the canary and the mirror candidate included: they
+    see the whole backend's queue, not their own share, so they are capped at CANDIDATE_MAX_REPLICAS
+    (keda.md's exact split, a vLLM half restricted to one version's pods, is left out on purpose: one
+    query per backend, and the over-count costs at most that cap while a queue lasts).
+    """
+    vllm = f'(sum(vllm:num_requests_waiting{{namespace="{namespace}", backend="{backend}"}}) or vector(0))'
+    gateway = f'(sum(extproc_admission_queue_length{{backend="{backend}"}}) or vector(0))'
+    return f"{vllm}\n+\n{gateway}"
+
+
+@dataclass(frozen=True, slots=True)
+class Scaling:
+    """A backend's scaling: the per-replica target of the queue query, and the GPUs it may take."""
+
+    threshold: int = 5
+    max_replicas: int = 4
+
+
+# 5 waiting requests per replica is keda.md's starting point; the batch pool tolerates a queue
+# (GPUs are dear, latency is not), and the 72B model takes 4 GPUs a replica.
+SCALING: Final[dict[str, Scaling]] = {
+    "default-8b": Scaling(threshold=5, max_replicas=8),
+    "fast-8b": Scaling(threshold=5, max_replicas=4),
+    "strict-json-model": Scaling(threshold=5, max_replicas=4),
+    "large-reasoning-model": Scaling(threshold=5, max_replicas=2),
+    "batch-pool": Scaling(threshold=20, max_replicas=4),
+    "embeddings": Scaling(threshold=10, max_replicas=4),
+}
+# A canary or a mirror candidate takes a slice of its backend's traffic but sees its whole queue.
+CANDIDATE_MAX_REPLICAS: Final = 2
+STABLE_VERSION: Final = "v1"
+VLLM_MANIFESTS: Final = MESH / "base" / "vllm"
+
+
+@dataclass(frozen=True, slots=True)
+class VllmDeployment:
+    name: str
+    backend: str
+    version: str
+
+
+def vllm_deployments() -> list[VllmDeployment]:
+    """The vLLM Deployments in mesh/base/vllm/, in file order: the ScaledObjects follow them."""
+    found = []
+    for path in sorted(VLLM_MANIFESTS.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if not document or document.get("kind") != "Deployment":
+                continue
+            labels = document["metadata"].get("labels", {})
+            if not COMPONENT_LABEL.items() <= labels.items():
+                continue
+            found.append(VllmDeployment(document["metadata"]["name"], labels[BACKEND_LABEL], labels["version"]))
+    return found
+
+
+def scaled_objects() -> list[dict[str, Any]]:
+    objects = []
+    for deployment in vllm_deployments():
+        scaling = SCALING.get(deployment.backend, Scaling())
+        stable = deployment.version == STABLE_VERSION
+        query = scaling_query(NAMESPACE, deployment.backend)
+        objects.append(
+            {
+                "apiVersion": "keda.sh/v1alpha1",
+                "kind": "ScaledObject",
+                "metadata": {
+                    "name": deployment.name,
+                    "namespace": NAMESPACE,
+                    "labels": {"app.kubernetes.io/part-of": "extproc", BACKEND_LABEL: deployment.backend},
+                },
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment.name},
+                    # A cold start is a model load (minutes): keep one replica warm.
+                    "minReplicaCount": 1,
+                    "maxReplicaCount": scaling.max_replicas if stable else CANDIDATE_MAX_REPLICAS,
+                    "pollingInterval": 15,
+                    # Prometheus unreachable three polls in a row: keep the replicas running (a busy
+                    # backend must not drop to a fixed count), but at least `replicas`.
+                    "fallback": {"failureThreshold": 3, "replicas": 1, "behavior": "currentReplicasIfHigher"},
+                    "advanced": {
+                        "horizontalPodAutoscalerConfig": {
+                            "behavior": {
+                                "scaleUp": {
+                                    "stabilizationWindowSeconds": 0,
+                                    "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}],
+                                },
+                                # Longer than a model load, so a dip does not cost a reload.
+                                "scaleDown": {
+                                    "stabilizationWindowSeconds": 600,
+                                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}],
+                                },
+                            }
+                        }
+                    },
+                    "triggers": [
+                        {
+                            "type": "prometheus",
+                            "metadata": {
+                                "serverAddress": PROMETHEUS_URL,
+                                "query": query,
+                                "threshold": str(scaling.threshold),
+                                "activationThreshold": "0",
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+    return objects
+
+
+def _scaled_objects_file() -> str:
+    source = "mesh/base/vllm/ and `scaling_query` (mesh_assets.py)"
+    return _HEADER.format(source=source) + _dump_all(scaled_objects())
+
+
+# --- the dev overlay: where the gateway reads each backend's load -----------------------------
+
+
+def dev_load_url_patch(policy: Policy) -> list[dict[str, Any]]:
+    """A JSON 6902 patch adding `--load-url B=http://vllm-B...:8000/metrics` for every backend.
+
+    The example policy names no load sources, and dev runs one pod per Deployment, so the
+    backend's Service reaches (one of) its pods; prod names headless Services in its policy instead.
+    """
+    ops = []
+    for backend in policy.backends:
+        url = f"http://{vllm_host(backend)}:{VLLM_PORT}/metrics"
+        for value in ("--load-url", f"{backend}={url}"):
+            ops.append({"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": value})
+    return ops
+
+
+def _dev_load_urls_file() -> str:
+    ops = dev_load_url_patch(load_policy(example_policy_path()))
+    return _HEADER.format(source="the example policy's backends") + yaml.safe_dump(ops, sort_keys=False)
+
+
 # Every derived file, by its path from the repository root.
 ASSETS: dict[str, Callable[[], str]] = {
     "mesh/base/gateway/policy.yaml": _copy(example_policy_path()),
     "mesh/base/gateway/envoyfilter.yaml": _envoy_filter_file,
+    "mesh/base/monitoring/extproc-dashboard.json": _copy(DASHBOARD_SOURCE),
+    "mesh/base/monitoring/prometheusrule.yaml": _prometheus_rule_file,
+    "mesh/base/autoscaling/scaledobjects.yaml": _scaled_objects_file,
+    "mesh/overlays/dev/extproc-load-urls.yaml": _dev_load_urls_file,
+    "docker/envoy.yaml": compose.compose_envoy_config,
 }
 
 
