@@ -22,7 +22,7 @@ from typing import Any, Final
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc import names, wire
+from extproc import errors, names, wire
 from extproc.core import BodyMode
 from extproc.policy import Policy
 
@@ -51,11 +51,12 @@ FAILURE_MODE_ALLOW: Final = False
 # a bare 500; its ext_proc errors carry no response flag, so nothing would tell them from the
 # gateway's own 503s (immediate responses are local replies too). They get a status that no
 # reply of the gateway uses instead, which the local reply mapper turns into the client's JSON
-# 503. A message timeout is always Envoy's 504, which the gateway's replies never use either
-# (policy rules may not reject with these: `RESERVED_STATUSES`).
+# 503. A message timeout is always Envoy's 504, which the gateway's replies never use either; and
+# Envoy's own 413 takes the gateway's 413 text (policy rules may reject with none of these:
+# `RESERVED_STATUSES`).
 STATUS_ON_ERROR: Final = 506
 GATEWAY_UNAVAILABLE_STATUS: Final = 503
-RESERVED_STATUSES: Final = frozenset({504, STATUS_ON_ERROR})
+RESERVED_STATUSES: Final = frozenset({413, 504, STATUS_ON_ERROR})
 # How soon a client may retry when the gateway is unreachable (OpenAI SDKs honour retry-after).
 GATEWAY_RETRY_AFTER_S: Final = 1
 # The gRPC stream's own deadline is not a request deadline for ext_proc (streams live as long as
@@ -75,10 +76,8 @@ RESPONSE_BODY_MODES: Final = {
 # The `mode_override` field that switches the body mode, and the plain response-headers reply
 # carrying it, serialized once.
 MODE_OVERRIDES: Final = {mode: wire.mode_override(override) for mode, override in RESPONSE_BODY_MODES.items()}
-RESPONSE_HEADERS_WITH_MODE: Final = {
-    mode: pb.ProcessingResponse(response_headers=pb.HeadersResponse()).SerializeToString() + field
-    for mode, field in MODE_OVERRIDES.items()
-}
+CONTINUE_RESPONSE_HEADERS: Final = pb.ProcessingResponse(response_headers=pb.HeadersResponse()).SerializeToString()
+RESPONSE_HEADERS_WITH_MODE: Final = {mode: CONTINUE_RESPONSE_HEADERS + field for mode, field in MODE_OVERRIDES.items()}
 
 
 def message_timeout_ms(policy: Policy) -> int:
@@ -95,10 +94,18 @@ def listener_buffer_limit(max_body_bytes: int) -> int:
     return max_body_bytes + BUFFER_HEADROOM_BYTES
 
 
-def ext_proc_filter(cluster_name: str, timeout_ms: int) -> dict[str, Any]:
-    """The HTTP filter entry (name + typed_config) that goes right before the router."""
-    return {
-        "name": FILTER_NAME,
+def ext_proc_filter(cluster_name: str, timeout_ms: int, *, scoped: bool = False) -> dict[str, Any]:
+    """The HTTP filter entry (name + typed_config) that goes right before the router.
+
+    `scoped`: off by default, on only where a route or virtual host enables it (`ENABLED_HERE`).
+    A mesh listener is shared by every service on its port (a sidecar's outbound `0.0.0.0_8000`
+    carries all of the mesh's port-8000 HTTP traffic), so the gateway must see the LLM host's
+    requests only: no other service's body rewritten, none failed when the gateway is down.
+    """
+    entry: dict[str, Any] = {"name": FILTER_NAME}
+    if scoped:
+        entry["disabled"] = True
+    return entry | {
         "typed_config": {
             "@type": FILTER_TYPE,
             "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name}, "timeout": GRPC_TIMEOUT},
@@ -112,31 +119,42 @@ def ext_proc_filter(cluster_name: str, timeout_ms: int) -> dict[str, Any]:
     }
 
 
+# A virtual host's (or route's) `typed_per_filter_config` that turns a scoped filter on there.
+PER_ROUTE_TYPE: Final = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+ENABLED_HERE: Final = {FILTER_NAME: {"@type": PER_ROUTE_TYPE, "overrides": {}}}
+
+
+def _status_is(status: int) -> dict[str, Any]:
+    value = {"default_value": status, "runtime_key": f"extproc_local_reply_{status}"}
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
+
+
 def _error_mapper(
     status: int,
     message: str,
     type_: str,
     code: str,
-    flags: list[str] | None = None,
     *,
+    flags: list[str] | None = None,
+    authorities: str | None = None,
     rewrite_to: int | None = None,
     retry_after_s: int | None = None,
 ) -> dict[str, Any]:
-    value = {"default_value": status, "runtime_key": f"extproc_local_reply_{status}"}
-    status_filter = {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
-    the_filter: dict[str, Any] = status_filter
+    conditions: list[dict[str, Any]] = [_status_is(status)]
     if flags:
-        the_filter = {"and_filter": {"filters": [status_filter, {"response_flag_filter": {"flags": flags}}]}}
+        conditions.append({"response_flag_filter": {"flags": flags}})
+    if authorities is not None:
+        # Mappers apply to the whole connection manager: on a shared listener, only the LLM host's
+        # replies are rewritten (the request's :authority; another service keeps Envoy's own replies).
+        matcher = {"name": ":authority", "string_match": {"safe_regex": {"regex": authorities}}}
+        conditions.append({"header_filter": {"header": matcher}})
+    the_filter = conditions[0] if len(conditions) == 1 else {"and_filter": {"filters": conditions}}
     mapper: dict[str, Any] = {"filter": the_filter}
     if rewrite_to is not None:
         mapper["status_code"] = rewrite_to
     if retry_after_s is not None:
-        mapper["headers_to_add"] = [
-            {
-                "header": {"key": names.RETRY_AFTER, "value": str(retry_after_s)},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ]
+        header = {"key": names.RETRY_AFTER, "value": str(retry_after_s)}
+        mapper["headers_to_add"] = [{"header": header, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
     mapper["body_format_override"] = {
         "json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}},
         "content_type": names.JSON_CONTENT_TYPE,
@@ -144,30 +162,38 @@ def _error_mapper(
     return mapper
 
 
-def local_reply_config(max_body_bytes: int) -> dict[str, Any]:
+def local_reply_config(max_body_bytes: int, *, authorities: str | None = None) -> dict[str, Any]:
     """Envoy's own error replies in the OpenAI error shape, so SDKs parse them.
 
     Local replies are also how the gateway's own refusals leave Envoy (ext_proc immediate
-    responses), so every mapper names the response flags that tell Envoy's errors apart from
-    ours: a mapper without flags would overwrite the gateway's own 503 and 504 bodies.
+    responses), so no mapper may match one of those: Envoy's upstream errors are told apart by
+    their response flags, the gateway's own failures by statuses no gateway reply uses
+    (`RESERVED_STATUSES`); the 413 has the gateway's own text. `authorities`: an RE2 regex of
+    the `:authority` values the mappers apply to (a listener shared with other services).
     """
+    too_large = errors.body_too_large(max_body_bytes)
     return {
         "mappers": [
-            # The gateway's own 413 has the same text; this one covers bodies without content-length.
+            # Envoy's own 413 (a body without content-length over the listener's buffer) reads as the gateway's.
             _error_mapper(
-                413,
-                f"Request body exceeds the gateway's limit of {max_body_bytes} bytes.",
-                "invalid_request_error",
-                "request_too_large",
+                too_large.status, too_large.message, too_large.type, too_large.reason, authorities=authorities
             ),
             _error_mapper(
                 503,
                 "The model backend is unavailable.",
                 "server_error",
                 "backend_unavailable",
-                ["UH", "UF", "UO", "URX", "NR"],
+                flags=["UH", "UF", "UO", "URX", "NR"],
+                authorities=authorities,
             ),
-            _error_mapper(504, "The model backend timed out.", "server_error", "backend_timeout", ["UT"]),
+            _error_mapper(
+                504,
+                "The model backend timed out.",
+                "server_error",
+                "backend_timeout",
+                flags=["UT"],
+                authorities=authorities,
+            ),
             # The gateway itself: unreachable, or broke the protocol (STATUS_ON_ERROR) ...
             _error_mapper(
                 STATUS_ON_ERROR,
@@ -176,8 +202,15 @@ def local_reply_config(max_body_bytes: int) -> dict[str, Any]:
                 "gateway_unavailable",
                 rewrite_to=GATEWAY_UNAVAILABLE_STATUS,
                 retry_after_s=GATEWAY_RETRY_AFTER_S,
+                authorities=authorities,
             ),
             # ... or too slow to answer a message (Envoy's message_timeout).
-            _error_mapper(504, "The LLM gateway timed out deciding on the request.", "server_error", "gateway_timeout"),
+            _error_mapper(
+                504,
+                "The LLM gateway timed out deciding on the request.",
+                "server_error",
+                "gateway_timeout",
+                authorities=authorities,
+            ),
         ]
     }

@@ -26,7 +26,7 @@ from extproc.admission import AdmissionQueue, Shed, Slot
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.endpoints import TRANSLATORS
 from extproc.errors import GatewayError
-from extproc.filter_contract import MODE_OVERRIDES, RESPONSE_HEADERS_WITH_MODE
+from extproc.filter_contract import CONTINUE_RESPONSE_HEADERS, MODE_OVERRIDES, RESPONSE_HEADERS_WITH_MODE
 from extproc.load import BackendLoad
 from extproc.quota.service import QuotaService, Reservation
 from extproc.recorder import NULL_RECORDER, Recorder, RequestRecord
@@ -46,7 +46,6 @@ Wire: TypeAlias = bytes | pb.ProcessingResponse
 
 # Replies that carry no decision are serialized once.
 _CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse()).SerializeToString()
-_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse()).SerializeToString()
 _CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse()).SerializeToString()
 _CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse()).SerializeToString()
 _CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse()).SerializeToString()
@@ -178,7 +177,7 @@ _CONTINUE_BY_KIND: dict[str, bytes] = {
     "request_headers": _CONTINUE_REQUEST_HEADERS,
     "request_body": _CONTINUE_REQUEST_BODY,
     "request_trailers": _CONTINUE_REQUEST_TRAILERS,
-    "response_headers": _CONTINUE_RESPONSE_HEADERS,
+    "response_headers": CONTINUE_RESPONSE_HEADERS,
     "response_body": _CONTINUE_RESPONSE_BODY,
     "response_trailers": _CONTINUE_RESPONSE_TRAILERS,
 }
@@ -355,7 +354,7 @@ class RequestStream:
         done = mode is BodyMode.NONE or message.end_of_stream
         self.phase = Phase.DONE if done else Phase.RESPONSE_BODY
         if self.reservation is None:
-            return _CONTINUE_RESPONSE_HEADERS if done else RESPONSE_HEADERS_WITH_MODE[mode]
+            return CONTINUE_RESPONSE_HEADERS if done else RESPONSE_HEADERS_WITH_MODE[mode]
         mutation = wire.header_mutation(self.reservation.rate_limit_headers())
         return wire.reply("response_headers", mutation, mode_override=b"" if done else MODE_OVERRIDES[mode])
 

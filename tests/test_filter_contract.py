@@ -17,9 +17,21 @@ from extproc_dev.envoy_config import EnvoySetup, Upstream, render
 ENVOY_FILTERS = Path(mesh_assets.ROOT, "mesh/base/gateway/envoyfilter.yaml")
 
 
-def _without_cluster(http_filter: dict[str, Any]) -> dict[str, Any]:
+def _as_installed(http_filter: dict[str, Any]) -> dict[str, Any]:
+    """The filter without what differs by site: the cluster's name, and whether it is scoped."""
     out = copy.deepcopy(http_filter)
     out["typed_config"]["grpc_service"]["envoy_grpc"].pop("cluster_name")
+    out.pop("disabled", None)
+    return out
+
+
+def _unscoped(local_reply: dict[str, Any]) -> dict[str, Any]:
+    """The mappers without their `:authority` condition (what scopes them to the LLM host)."""
+    out = copy.deepcopy(local_reply)
+    for mapper in out["mappers"]:
+        conditions = mapper["filter"].get("and_filter", {}).get("filters", [mapper["filter"]])
+        kept = [c for c in conditions if "header_filter" not in c]
+        mapper["filter"] = kept[0] if len(kept) == 1 else {"and_filter": {"filters": kept}}
     return out
 
 
@@ -57,11 +69,19 @@ def test_the_local_stack_and_every_envoy_filter_install_the_same_filter() -> Non
     contexts = set()
     for envoy_filter in envoy_filters:
         inserted = _patch(envoy_filter, "HTTP_FILTER")
-        assert _without_cluster(inserted) == _without_cluster(local_filter)
+        assert _as_installed(inserted) == _as_installed(local_filter)
         # The mesh reaches the gateway through Istio's own mTLS cluster for its Service.
         assert inserted["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == mesh_assets.EXTPROC_CLUSTER
-        merged = _patch(envoy_filter, "NETWORK_FILTER")["typed_config"]
-        assert merged["local_reply_config"] == hcm["local_reply_config"]
+        # A mesh listener is shared: the filter is off but for the LLM's virtual host ...
+        assert inserted["disabled"] is True
+        site = mesh_assets.SITES[envoy_filter["spec"]["configPatches"][0]["match"]["context"]]
+        (vhost_patch,) = [p for p in envoy_filter["spec"]["configPatches"] if p["applyTo"] == "VIRTUAL_HOST"]
+        assert vhost_patch["match"]["routeConfiguration"]["vhost"]["name"] == site.virtual_host
+        assert filter_contract.FILTER_NAME in vhost_patch["patch"]["value"]["typed_per_filter_config"]
+        # ... and Envoy's error replies are restyled for that host only.
+        merged = _patch(envoy_filter, "NETWORK_FILTER")["typed_config"]["local_reply_config"]
+        assert merged != hcm["local_reply_config"]
+        assert _unscoped(merged) == hcm["local_reply_config"]
         buffer = _patch(envoy_filter, "LISTENER")["per_connection_buffer_limit_bytes"]
         assert buffer == listener["per_connection_buffer_limit_bytes"]
         contexts.update(p["match"]["context"] for p in envoy_filter["spec"]["configPatches"])
@@ -77,6 +97,12 @@ def test_the_filter_fails_closed_with_a_timeout_that_outlasts_the_admission_queu
     timeout_s = float(config["message_timeout"].rstrip("s"))
     assert timeout_s * 1000 > policy.queue.max_wait_ms
     mappers = filter_contract.local_reply_config(policy.gateway.max_body_bytes)["mappers"]
+    statuses = {
+        m["filter"].get("status_code_filter", {}).get("comparison", {}).get("value", {}).get("default_value")
+        for m in mappers
+    }
+    # Every status a mapper restyles without a response flag is one no gateway reply can carry.
+    assert statuses - {None} <= filter_contract.RESERVED_STATUSES
     unavailable = next(m for m in mappers if m.get("status_code") == filter_contract.GATEWAY_UNAVAILABLE_STATUS)
     assert unavailable["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] == 506
     assert unavailable["status_code"] == 503

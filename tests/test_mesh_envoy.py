@@ -7,6 +7,11 @@ reply mapper, the listener buffer), the VirtualService `llm` translated into rou
 a fake vLLM (one per host and subset, answering with the subset's `version` label). Behind the
 filter runs a real `extproc serve` with the overlay's policy ConfigMap, a real Redis and the
 fakes' /metrics as load sources.
+
+What this proves and what it cannot: the translation (`istio_routes`) and the patching here are our
+model of what istiod generates, checked field by field against Envoy's own protos and run on the
+real Envoy; it is not Istio. It shows that the manifests' routes, splits, mirror and filter behave
+as intended in Envoy, not which fields a given Istio version supports or how it names things.
 """
 
 from __future__ import annotations
@@ -40,7 +45,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from extproc import filter_contract, names
 from extproc.policy import Policy
 from extproc_dev.istio_routes import ClusterRef, clusters_used, virtual_host
-from extproc_dev.mesh_assets import EXTPROC_CLUSTER, INGRESS_PORT, INGRESS_SELECTOR, LLM_PORT, NAMESPACE
+from extproc_dev.mesh_assets import (
+    EXTPROC_CLUSTER,
+    INGRESS_PORT,
+    INGRESS_SELECTOR,
+    LLM_PORT,
+    NAMESPACE,
+    PUBLIC_HOST,
+    PUBLIC_PORT,
+)
 from extproc_dev.stack import ManagedProcess, envoy_binary, free_port
 from tests.mesh_tools import by_kind, named, policy_of, policy_text, rendered
 from tests.redis_server import RedisServer
@@ -48,8 +61,10 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.envoy
 
 OVERLAY = "dev"
-# The ingress's public host in the VirtualService `llm`: requests carry it as clients outside would.
-PUBLIC_HOST = "llm.example.com"
+# Other services the same ingress listener serves (Istio gives each host its own virtual host): one
+# answering, one whose backend is down. The gateway must not see their traffic nor restyle their errors.
+OTHER_HOST = "other.example.com"
+DEAD_HOST = "dead.example.com"
 CHAT_MODEL = "llama-3.1-8b"
 EMBEDDING_MODEL = "bge-m3"
 CONCURRENCY = 16
@@ -85,6 +100,7 @@ class Mesh:
     extproc: ManagedProcess
     redis: RedisServer
     hcm: dict[str, Any]  # the listener's HTTP connection manager, as given to Envoy
+    other_port: int  # another service behind the same listener (OTHER_HOST)
 
     @property
     def origin(self) -> str:
@@ -130,7 +146,8 @@ def apply_envoy_filter(envoy_filter: dict[str, Any], listener: dict[str, Any], h
     """Apply the patches istiod would apply to the ingress gateway's HTTP listener on INGRESS_PORT."""
     for patch in envoy_filter["spec"]["configPatches"]:
         match, operation, value = patch["match"], patch["patch"]["operation"], patch["patch"]["value"]
-        assert match["listener"]["portNumber"] == INGRESS_PORT, match
+        if "listener" in match:
+            assert match["listener"]["portNumber"] == INGRESS_PORT, match
         applies_to = patch["applyTo"]
         if applies_to == "HTTP_FILTER" and operation == "INSERT_BEFORE":
             chain_filter = match["listener"]["filterChain"]["filter"]
@@ -143,6 +160,10 @@ def apply_envoy_filter(envoy_filter: dict[str, Any], listener: dict[str, Any], h
             proto_merge(hcm, value["typed_config"])
         elif applies_to == "LISTENER" and operation == "MERGE":
             proto_merge(listener, value)
+        elif applies_to == "VIRTUAL_HOST" and operation == "MERGE":
+            wanted = match["routeConfiguration"]["vhost"]["name"]
+            (vhost,) = [v for v in hcm["route_config"]["virtual_hosts"] if v["name"] == wanted]
+            proto_merge(vhost, value)
         else:
             pytest.fail(f"this test does not know how Istio applies {applies_to} {operation}: extend it")
 
@@ -204,6 +225,8 @@ def bootstrap(
     admin_port: int,
     upstream_port: Callable[[ClusterRef], int],
     extproc_port: int,
+    other_port: int,
+    dead_port: int,
 ) -> tuple[dict[str, Any], list[ClusterRef]]:
     llm = named(docs, "VirtualService", "llm")
     rules = by_kind(docs, "DestinationRule")
@@ -216,11 +239,24 @@ def bootstrap(
         "name": filter_contract.ROUTER_FILTER,
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
     }
+    # Istio names a gateway's virtual hosts HOST:PORT (the Gateway server's port), one per host.
+    llm_vhost = virtual_host(llm, rules, port) | {
+        "name": f"{PUBLIC_HOST}:{PUBLIC_PORT}",
+        "domains": [PUBLIC_HOST, f"{PUBLIC_HOST}:*"],
+    }
+    others = [
+        {
+            "name": f"{host}:{PUBLIC_PORT}",
+            "domains": [host, f"{host}:*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": f"outbound|80||{host}", "timeout": "0s"}}],
+        }
+        for host in (OTHER_HOST, DEAD_HOST)
+    ]
     hcm: dict[str, Any] = {
         "@type": filter_contract.HCM_TYPE,
         "stat_prefix": f"outbound_0.0.0.0_{INGRESS_PORT}",
         "codec_type": "AUTO",
-        "route_config": {"name": f"http.{INGRESS_PORT}", "virtual_hosts": [virtual_host(llm, rules, port)]},
+        "route_config": {"name": f"http.{INGRESS_PORT}", "virtual_hosts": [llm_vhost, *others]},
         "http_filters": [router],
     }
     listener: dict[str, Any] = {
@@ -233,6 +269,8 @@ def bootstrap(
     grpc_cluster = ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
     clusters = [static_cluster(ref.name, upstream_port(ref)) for ref in refs]
     clusters.append(static_cluster(grpc_cluster, extproc_port, http2=True))
+    clusters.append(static_cluster(f"outbound|80||{OTHER_HOST}", other_port))
+    clusters.append(static_cluster(f"outbound|80||{DEAD_HOST}", dead_port))
     config = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {"listeners": [listener], "clusters": clusters},
@@ -296,11 +334,19 @@ def mesh() -> Iterator[Mesh]:
 
     redis_server = RedisServer().start()
     try:
-        envoy_port, admin_port, extproc_port, metrics_port = (free_port() for _ in range(4))
+        envoy_port, admin_port, extproc_port, metrics_port, other_port = (free_port() for _ in range(5))
         ports: dict[str, int] = {}
         config, refs = bootstrap(
-            docs, envoy_port, admin_port, lambda ref: ports.setdefault(ref.name, free_port()), extproc_port
+            docs,
+            envoy_port,
+            admin_port,
+            lambda ref: ports.setdefault(ref.name, free_port()),
+            extproc_port,
+            other_port,
+            dead_port=free_port(),  # nothing listens there
         )
+        other_argv = [sys.executable, "-m", "extproc", "fake-vllm", "--port", str(other_port), "--name", "other"]
+        other = start("fake-other", other_argv)
         fakes: dict[str, Fake] = {}
         for ref in refs:
             name, port = fake_name(ref), ports[ref.name]
@@ -330,6 +376,7 @@ def mesh() -> Iterator[Mesh]:
         bootstrap_path.write_text(yaml.safe_dump(config, sort_keys=False))
         for fake in fakes.values():
             wait_until(lambda f=fake: http_ok(f"{f.url}/health"), f"{fake.name} /health", fake.process)  # type: ignore[misc]
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{other_port}/health"), "the other service", other)
         wait_until(lambda: port_open(extproc_port), "extproc serve", extproc)
         envoy = start(
             "envoy",
@@ -348,6 +395,7 @@ def mesh() -> Iterator[Mesh]:
             extproc,
             redis_server,
             hcm,
+            other_port,
         )
     finally:
         for process in reversed(processes):  # Envoy first, the fakes last
@@ -672,12 +720,13 @@ def test_mirrored_requests_are_charged_and_counted_once(mirror_run: MirrorRun) -
 # --- the gateway down -----------------------------------------------------------------------------------
 
 
-def post_chat(mesh: Mesh) -> tuple[int, dict[str, str], bytes]:
+def post_chat(mesh: Mesh, host: str = PUBLIC_HOST, key: str | None = "sk-demo") -> tuple[int, dict[str, str], bytes]:
     """One chat request without any client retry: (status, headers, body)."""
+    headers = {"host": host, "content-type": names.JSON_CONTENT_TYPE}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
     request = urllib.request.Request(
-        f"{mesh.origin}/v1/chat/completions",
-        data=json.dumps(chat_body()).encode(),
-        headers={"host": PUBLIC_HOST, "authorization": "Bearer sk-demo", "content-type": names.JSON_CONTENT_TYPE},
+        f"{mesh.origin}/v1/chat/completions", data=json.dumps(chat_body()).encode(), headers=headers
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -703,3 +752,28 @@ def test_gateway_down_is_a_json_503_and_recovery_is_immediate(mesh: Mesh, db: re
         mesh.extproc.start()
         wait_until(lambda: port_open(mesh.extproc_port), "extproc serve to restart", mesh.extproc)
     assert [post_chat(mesh)[0] for _ in range(5)] == [200] * 5
+
+
+# --- a listener shared with other services ----------------------------------------------------------
+
+
+def test_other_hosts_on_the_listener_bypass_the_gateway(mesh: Mesh) -> None:
+    """The filter is on only for the LLM's virtual host: another service's calls are not the gateway's."""
+    other = f"http://127.0.0.1:{mesh.other_port}"
+    urllib.request.urlopen(urllib.request.Request(f"{other}/debug/requests", method="DELETE"), timeout=5).close()
+    decided = metric_sum(mesh, "extproc_requests_total")
+    # No key at all: through the gateway this would be a 401.
+    status, _, body = post_chat(mesh, host=OTHER_HOST, key=None)
+    assert status == 200, body
+    (seen,) = get_json(f"{other}/debug/requests")["requests"]
+    assert mesh.policy.gateway.backend_header not in seen["headers"]
+    assert seen["body"]["model"] == CHAT_MODEL  # not rewritten to a served name
+    assert metric_sum(mesh, "extproc_requests_total") == decided
+
+
+def test_other_hosts_keep_envoys_own_errors(mesh: Mesh) -> None:
+    """The OpenAI-shaped local replies are the LLM host's: another service's 503 stays Envoy's own."""
+    status, headers, body = post_chat(mesh, host=DEAD_HOST, key=None)
+    assert status == 503
+    assert not headers.get("content-type", "").startswith(names.JSON_CONTENT_TYPE), body
+    assert b"backend_unavailable" not in body

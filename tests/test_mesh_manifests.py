@@ -492,6 +492,9 @@ def gateway_problems(docs: list[Doc]) -> list[str]:
     # A numeric user lets the kubelet verify runAsNonRoot without trusting the image's USER name.
     if not isinstance(user, int) or user == 0:
         problems.append(f"{where}: runAsUser {user!r} is not a numeric non-root user")
+    if "replicas" in deployment["spec"]:
+        # Its HPA owns the count: an apply that sets one resets a scaled-out gateway.
+        problems.append(f"{where}: sets replicas, which its HorizontalPodAutoscaler owns")
     if user != IMAGE_USER:
         problems.append(f"{where}: runAsUser {user!r} is not the image's USER {IMAGE_USER}")
     if context.get("readOnlyRootFilesystem") is not True:

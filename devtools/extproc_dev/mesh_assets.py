@@ -9,12 +9,15 @@ writes them, `extproc mesh-assets --check` (and a test) fails when one is stale.
 - the dashboard ConfigMap's file and the PrometheusRule: from `observability/`;
 - the KEDA ScaledObjects: one per vLLM Deployment under `mesh/base/vllm/`, each with `scaling_query`;
 - the dev overlay's `--load-url` arguments: one per backend of the example policy;
+- the prod overlay's policy (the example without inline keys, load from headless Services) and
+  those headless Services;
 - the compose stack's Envoy bootstrap (`docker/envoy.yaml`): the local stack's renderer.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from extproc import filter_contract
 from extproc.policy import Policy, example_policy_path, load_policy
 from extproc_dev import compose
 
+# The repository: this module runs from a development install (an editable one), never from the image.
 ROOT: Final = Path(__file__).resolve().parents[2]
 MESH: Final = ROOT / "mesh"
 
@@ -37,12 +41,18 @@ EXTPROC_GRPC_PORT: Final = 50051
 # Istio's own cluster for the gateway's Service: traffic to it is ISTIO_MUTUAL mTLS, and HTTP/2
 # because the Service port is named `grpc` with `appProtocol: grpc`.
 EXTPROC_CLUSTER: Final = f"outbound|{EXTPROC_GRPC_PORT}||{EXTPROC_SERVICE}.{NAMESPACE}.svc.cluster.local"
-# The port clients call the LLM Service on; the sidecar filter is installed on that listener only.
+# The Service clients call for the LLM API, and its port. The sidecar filter is installed on that
+# port's outbound listener, which every service on the port shares: it is enabled for this host only.
+LLM_SERVICE: Final = "llm"
+LLM_HOST: Final = f"{LLM_SERVICE}.{NAMESPACE}.svc.cluster.local"
 LLM_PORT: Final = 8000
-# The ingress gateway: its pods' label and the container port its Gateway server listens on.
+# The ingress gateway: its pods' label, the container port its Gateway server listens on, and the
+# Gateway server's port and host (Istio names the virtual host `HOST:PORT`).
 INGRESS_NAMESPACE: Final = "istio-system"
 INGRESS_SELECTOR: Final = {"istio": "ingressgateway"}
 INGRESS_PORT: Final = 8080
+PUBLIC_HOST: Final = "llm.example.com"
+PUBLIC_PORT: Final = 80
 # Client workloads opt in with this pod label (the SIDECAR_OUTBOUND filter's workloadSelector).
 CLIENT_LABEL: Final = {"llm.extproc.io/client": "true"}
 # The gateway's Prometheus /metrics port (Service port `http-metrics`).
@@ -65,7 +75,47 @@ def vllm_host(backend: str) -> str:
     return f"{vllm_service(backend)}.{NAMESPACE}.svc.cluster.local"
 
 
-def _patches(context: str, port: int, policy: Policy) -> list[dict[str, Any]]:
+def authority_regex(host: str, *, short_names: bool, port: int | None = None) -> str:
+    """An RE2 regex of the `:authority` values a request for `host` may carry, with any port or `port`.
+
+    `short_names`: in the mesh a client may call a Service by any prefix of its FQDN (`llm`,
+    `llm.NS`, `llm.NS.svc`, ...); at the ingress only the full public name routes.
+    """
+    port_part = f"(:{port})?" if port is not None else "(:[0-9]+)?"
+    if not short_names:
+        return f"^{re.escape(host)}{port_part}$"
+    first, *rest = host.split(".")
+    suffix = ""
+    for label in reversed(rest):
+        suffix = f"(\\.{re.escape(label)}{suffix})?"
+    return f"^{re.escape(first)}{suffix}{port_part}$"
+
+
+@dataclass(frozen=True, slots=True)
+class FilterSite:
+    """Where an EnvoyFilter puts the gateway: an Istio patch context, its listener, the LLM's virtual host."""
+
+    context: str
+    listener_port: int
+    virtual_host: str  # Istio's name for it: HOST:PORT
+    authorities: str
+
+
+SITES: Final = {
+    "GATEWAY": FilterSite(
+        "GATEWAY", INGRESS_PORT, f"{PUBLIC_HOST}:{PUBLIC_PORT}", authority_regex(PUBLIC_HOST, short_names=False)
+    ),
+    "SIDECAR_OUTBOUND": FilterSite(
+        "SIDECAR_OUTBOUND",
+        LLM_PORT,
+        f"{LLM_HOST}:{LLM_PORT}",
+        authority_regex(LLM_HOST, short_names=True, port=LLM_PORT),
+    ),
+}
+
+
+def _patches(site: FilterSite, policy: Policy) -> list[dict[str, Any]]:
+    context, port = site.context, site.listener_port
     listener = {"portNumber": port, "filterChain": {"filter": {"name": filter_contract.HCM_FILTER}}}
     router = {
         "portNumber": port,
@@ -73,17 +123,25 @@ def _patches(context: str, port: int, policy: Policy) -> list[dict[str, Any]]:
             "filter": {"name": filter_contract.HCM_FILTER, "subFilter": {"name": filter_contract.ROUTER_FILTER}}
         },
     }
+    timeout_ms = filter_contract.message_timeout_ms(policy)
     return [
         {
+            # Off for the listener as a whole: the next patch turns it on for the LLM's virtual host.
             "applyTo": "HTTP_FILTER",
             "match": {"context": context, "listener": router},
             "patch": {
                 "operation": "INSERT_BEFORE",
-                "value": filter_contract.ext_proc_filter(EXTPROC_CLUSTER, filter_contract.message_timeout_ms(policy)),
+                "value": filter_contract.ext_proc_filter(EXTPROC_CLUSTER, timeout_ms, scoped=True),
             },
         },
         {
-            # Envoy's own errors (the gateway unreachable, a backend down) in the OpenAI error shape.
+            "applyTo": "VIRTUAL_HOST",
+            "match": {"context": context, "routeConfiguration": {"vhost": {"name": site.virtual_host}}},
+            "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": filter_contract.ENABLED_HERE}},
+        },
+        {
+            # Envoy's own errors (the gateway unreachable, a backend down) in the OpenAI error shape,
+            # for requests to the LLM host only.
             "applyTo": "NETWORK_FILTER",
             "match": {"context": context, "listener": listener},
             "patch": {
@@ -92,7 +150,9 @@ def _patches(context: str, port: int, policy: Policy) -> list[dict[str, Any]]:
                     "name": filter_contract.HCM_FILTER,
                     "typed_config": {
                         "@type": filter_contract.HCM_TYPE,
-                        "local_reply_config": filter_contract.local_reply_config(policy.gateway.max_body_bytes),
+                        "local_reply_config": filter_contract.local_reply_config(
+                            policy.gateway.max_body_bytes, authorities=site.authorities
+                        ),
                     },
                 },
             },
@@ -116,7 +176,7 @@ def _patches(context: str, port: int, policy: Policy) -> list[dict[str, Any]]:
 def envoy_filters(policy: Policy) -> list[dict[str, Any]]:
     """The EnvoyFilters that put the gateway in front of the router: at the ingress and in clients."""
 
-    def envoy_filter(name: str, selector: dict[str, str], context: str, port: int) -> dict[str, Any]:
+    def envoy_filter(name: str, selector: dict[str, str], site: FilterSite) -> dict[str, Any]:
         return {
             "apiVersion": "networking.istio.io/v1alpha3",
             "kind": "EnvoyFilter",
@@ -127,14 +187,14 @@ def envoy_filters(policy: Policy) -> list[dict[str, Any]]:
             },
             "spec": {
                 "workloadSelector": {"labels": selector},
-                "configPatches": _patches(context, port, policy),
+                "configPatches": _patches(site, policy),
             },
         }
 
     return [
-        envoy_filter("extproc-ingress", INGRESS_SELECTOR, "GATEWAY", INGRESS_PORT),
+        envoy_filter("extproc-ingress", INGRESS_SELECTOR, SITES["GATEWAY"]),
         # In the root namespace, so it applies to labelled clients in every namespace.
-        envoy_filter("extproc-clients", CLIENT_LABEL, "SIDECAR_OUTBOUND", LLM_PORT),
+        envoy_filter("extproc-clients", CLIENT_LABEL, SITES["SIDECAR_OUTBOUND"]),
     ]
 
 
@@ -336,6 +396,64 @@ def _dev_load_urls_file() -> str:
     return _HEADER.format(source="the example policy's backends") + yaml.safe_dump(ops, sort_keys=False)
 
 
+# --- the prod overlay: the example policy without inline keys, load read from every pod ----------
+
+KEY_FILE: Final = "/etc/extproc/keys/keys.yaml"  # the Secret extproc-api-keys, mounted as files
+
+
+def pods_service(backend: str) -> str:
+    """The headless Service whose DNS name resolves to every pod of the backend (both versions)."""
+    return f"{vllm_service(backend)}-pods"
+
+
+def prod_policy() -> dict[str, Any]:
+    """The example policy as prod runs it: keys in the Secret, each backend's load from all its pods."""
+    policy: dict[str, Any] = yaml.safe_load(example_policy_path().read_text())
+    for name, backend in policy["backends"].items():
+        backend["load"] = {"metrics_dns": f"{pods_service(name)}.{NAMESPACE}.svc.cluster.local:{VLLM_PORT}"}
+    policy["auth"]["key_files"] = [KEY_FILE]
+    for tenant in policy["tenants"].values():
+        tenant["keys"] = []
+    return policy
+
+
+def _prod_policy_file() -> str:
+    note = (
+        "# The prod policy: the example's backends, models, rules and tenants, with every key in the key file\n"
+        "# (the Secret extproc-api-keys) and each backend's load read from all its pods (a headless Service).\n"
+        "# A policy of your own replaces this file; a test holds it to the manifests and to the EnvoyFilters.\n"
+    )
+    return _HEADER.format(source="the example policy") + note + yaml.safe_dump(prod_policy(), sort_keys=False)
+
+
+def pods_services() -> list[dict[str, Any]]:
+    services = []
+    for backend in load_policy(example_policy_path()).backends:
+        app = {"app": vllm_service(backend)}
+        services.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": pods_service(backend),
+                    "namespace": NAMESPACE,
+                    "labels": {**app, BACKEND_LABEL: backend, "app.kubernetes.io/part-of": "extproc"},
+                },
+                # Headless: the name resolves to every ready pod, which the policy's metrics_dns scrapes.
+                "spec": {
+                    "clusterIP": "None",
+                    "selector": app,
+                    "ports": [{"name": "http", "port": VLLM_PORT, "targetPort": "http", "protocol": "TCP"}],
+                },
+            }
+        )
+    return services
+
+
+def _pods_services_file() -> str:
+    return _HEADER.format(source="the example policy's backends") + _dump_all(pods_services())
+
+
 # Every derived file, by its path from the repository root.
 ASSETS: dict[str, Callable[[], str]] = {
     "mesh/base/gateway/policy.yaml": _copy(example_policy_path()),
@@ -344,6 +462,8 @@ ASSETS: dict[str, Callable[[], str]] = {
     "mesh/base/monitoring/prometheusrule.yaml": _prometheus_rule_file,
     "mesh/base/autoscaling/scaledobjects.yaml": _scaled_objects_file,
     "mesh/overlays/dev/extproc-load-urls.yaml": _dev_load_urls_file,
+    "mesh/overlays/prod/policy.yaml": _prod_policy_file,
+    "mesh/overlays/prod/vllm-pods-services.yaml": _pods_services_file,
     "docker/envoy.yaml": compose.compose_envoy_config,
 }
 
