@@ -230,6 +230,19 @@ class Gateway:
         `loads` is the latest scraped figure per backend: an input, so the decision stays pure.
         `record` gets what is learned as it is learned, so a refusal's log line says how far it got.
         """
+        try:
+            return self._on_request_body(need, raw, loads, record)
+        except orjson.JSONEncodeError:
+            # orjson reads 1,024 levels of nesting but writes only 254: a body that parsed can still
+            # fail to be written back (the rewrite, or `tools` serialized for the count). A client's
+            # mistake, not ours; walking every body to measure its depth first would cost every request.
+            raise errors.invalid_request(
+                f"The JSON body is nested too deeply: at most {_MAX_WRITTEN_DEPTH} levels are accepted."
+            ) from None
+
+    def _on_request_body(
+        self, need: NeedBody, raw: bytes, loads: Mapping[str, BackendLoad], record: RequestRecord | None
+    ) -> Admission:
         if record is None:
             record = RequestRecord(0.0, 0.0)
         translator, identity = need.translator, need.identity
@@ -429,6 +442,7 @@ class Gateway:
 
 
 _MAX_LOGGED_MODEL = 128  # a model name as the client wrote it, in the log
+_MAX_WRITTEN_DEPTH = 254  # orjson.dumps's recursion limit
 _MAX_NOTED_PARAMS = 10
 
 

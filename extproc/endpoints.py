@@ -34,12 +34,24 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _shown(value: Any) -> str:
+    """A client's value quoted in an error message: short, and never an error of its own."""
+    try:
+        text = orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels)
+        return "a deeply nested value"
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+_SHOWN_CHARS = 80
+
+
 def _optional_positive_int(body: dict[str, Any], field: str) -> int | None:
     value = body.get(field)
     if value is None:
         return None
     if not _is_int(value) or value < 1:
-        raise invalid_request(f"`{field}` must be a positive integer, got {orjson.dumps(value).decode()}.", field)
+        raise invalid_request(f"`{field}` must be a positive integer, got {_shown(value)}.", field)
     return int(value)
 
 
@@ -121,7 +133,8 @@ class ChatCompletions(Translator):
             if not isinstance(message, dict):
                 raise invalid_request(f"`{where}` must be an object.", where)
             role = message.get("role")
-            if role not in self._roles:
+            # A list or an object as the role is unhashable: test the type before the set lookup.
+            if not isinstance(role, str) or role not in self._roles:
                 raise invalid_request(
                     f"`{where}.role` must be one of {', '.join(sorted(self._roles))}.", f"{where}.role"
                 )

@@ -2,13 +2,17 @@
 
 Keys are never stored or logged in clear: the policy and mounted Secret files
 hold SHA-256 digests. A presented key is hashed, a short digest prefix picks the
-candidates, and the full digests are compared with `hmac.compare_digest`.
+candidates (a random decoy when no stored digest has that prefix), and the full digests
+are compared with `hmac.compare_digest`: the same work for unknown, wrong and right keys
+(`python -m extproc_dev.key_timing` measures it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from extproc.errors import unauthorized
 from extproc.policy import KeySpec, Policy, PolicyError, TenantPolicy
 
 _PREFIX = 12  # hex chars of the digest used to index candidates; the full digest decides
+_MAX_DECOYS = 4096  # 32-byte decoys compared with unknown keys (see Authenticator.__init__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +124,14 @@ class Authenticator:
                 raise PolicyError(f"auth: key {key.name!r} names unknown tenant {tenant_name!r}")
             bucket = self._keys.setdefault(key.sha256[:_PREFIX], [])
             bucket.append((bytes.fromhex(key.sha256), Identity(self.tenants[tenant_name], key.name, "api_key")))
+        # What a key whose prefix no stored digest has is compared with, so that an unknown key costs the
+        # same comparison as one whose prefix is stored: otherwise the time would tell a caller that some
+        # stored digest starts with its key's prefix. Random, so no key can match them; as many as there
+        # are keys (to a cap) and picked by the digest, so an unknown key's candidate is no more often in
+        # the CPU's cache than a stored one (one shared decoy was measurably faster to compare).
+        self._decoys: list[tuple[tuple[bytes, Identity | None], ...]] = [
+            ((secrets.token_bytes(32), None),) for _ in range(min(max(len(entries), 1), _MAX_DECOYS))
+        ]
         self._spiffe = {sid: self.tenants[name] for name, spec in policy.tenants.items() for sid in spec.spiffe_ids}
         self.jwt_header = auth.jwt_tenant_header
         self.trust_spiffe = auth.trust_spiffe
@@ -147,13 +160,20 @@ class Authenticator:
             return Identity(self._tenant(claimed), None, "header")
         raise unauthorized("You didn't provide an API key. Send it as `Authorization: Bearer <key>` or in `x-api-key`.")
 
-    def _by_key(self, key: str) -> Identity:
+    def lookup(self, key: str) -> Identity | None:
+        """The identity a key proves, or None; the same work whether it is unknown, wrong or right."""
         digest = hashlib.sha256(key.encode()).digest()
+        decoy = self._decoys[int.from_bytes(digest[-4:]) % len(self._decoys)]  # always computed: same work
+        candidates: Sequence[tuple[bytes, Identity | None]] = self._keys.get(digest.hex()[:_PREFIX], decoy)
         match: Identity | None = None
-        for stored, identity in self._keys.get(digest.hex()[:_PREFIX], ()):
-            # Every candidate is compared, so timing does not depend on which one matches.
-            if hmac.compare_digest(stored, digest):
-                match = identity
+        for stored, identity in candidates:
+            # Every candidate is compared, and the result picked without a branch on it, so timing does
+            # not depend on which one matches (or whether one does).
+            match = (match, identity)[hmac.compare_digest(stored, digest)]
+        return match
+
+    def _by_key(self, key: str) -> Identity:
+        match = self.lookup(key)
         if match is None:
             raise unauthorized("Incorrect API key provided.")
         return match

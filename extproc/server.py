@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from extproc import metrics
 from extproc.access_log import AccessLog
@@ -31,6 +32,7 @@ log = logging.getLogger("extproc.server")
 
 HEALTH_SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 _METRICS_PROCESS = -1  # the supervisor's child that serves the replica's /metrics
+_FORWARDED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})  # the signals the supervisor passes on
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,13 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
             options.reload_interval_s,
             options.policy_fingerprint,
         )
+        # A worker started after the file changed (one replacing a dead worker) must not serve the
+        # policy the replica started with until its first poll, or for good with --reload-interval 0:
+        # a key revoked by a reload would be accepted again. Checked before the port opens.
+        try:
+            await watcher.check()
+        except Exception:
+            log.exception("policy reload failed")
         watcher.start()
         loop.add_signal_handler(signal.SIGHUP, watcher.request)
     server = grpc.aio.server(options=grpc_options(options.policy))
@@ -256,26 +265,39 @@ def _supervise(options: ServeOptions) -> int:
     options = dataclasses.replace(options, in_flight=in_flight)
 
     def spawn(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            # Ignored until the worker's own handler is installed: a reload must never kill it.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            code = 0
-            try:
-                if index == _METRICS_PROCESS:
-                    _serve_replica_metrics(options, in_flight)
-                    os._exit(0)
-                in_flight.bind_worker(index)
-                run_worker(options, index)
-            except BaseException:
-                log.exception("worker %d failed", index)
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        children[pid] = index
+        # Signals wait while we decide and fork: a SIGTERM that came after `stopping` was read but
+        # before the new pid is in `children` would never reach that worker, and the supervisor
+        # would wait for it forever. Delivered (to forward()) once the child is known.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        try:
+            if stopping:
+                return
+            pid = os.fork()
+            if pid == 0:
+                _become_child(index)
+            children[pid] = index
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _become_child(index: int) -> NoReturn:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # Ignored until the worker's own handler is installed: a reload must never kill it.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # the fork inherited the supervisor's block
+        code = 0
+        try:
+            if index == _METRICS_PROCESS:
+                _serve_replica_metrics(options, in_flight)
+                os._exit(0)
+            in_flight.bind_worker(index)
+            run_worker(options, index)
+        except BaseException:
+            log.exception("worker %d failed", index)
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping

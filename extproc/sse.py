@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -50,9 +50,17 @@ def usage_from_object(obj: object) -> Usage | None:
         return None
     prompt = usage.get("prompt_tokens")
     completion = usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return Usage(prompt, completion or 0)
+    if not _is_count(prompt) or not _is_count(completion):
+        return None  # not a usage we can settle with: the reservation's estimate stands instead
+    return Usage(prompt, completion)
+
+
+_MAX_COUNT = 1 << 53  # settled through Redis's Lua, which counts in doubles: exact below this
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    """A token count: an int (`true` is not one), neither negative nor too large to settle exactly."""
+    return type(value) is int and 0 <= value < _MAX_COUNT
 
 
 def usage_from_json_body(body: bytes, signals: ContentSignals | None = None) -> Usage | None:

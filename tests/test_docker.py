@@ -1,8 +1,10 @@
 """The runtime image and the compose stack, proven without a container runtime.
 
 - the runtime wheel holds the gateway and nothing of the development tools;
-- installed into a clean venv without extras it serves, and `extproc health` sees it SERVING;
-- the image's own install (`pip install --target`) and entrypoint (`python3 -m extproc serve` on a
+- installed into a clean venv without extras, as the image installs it (requirements/runtime.txt with
+  --require-hashes --no-deps, then the wheel with --no-deps; `pip check` clean), it serves, and
+  `extproc health` sees it SERVING;
+- the image's own installs (`pip install --target`, the same two) and entrypoint (`python3 -m extproc serve` on a
   Python without site-packages, with the image's ENV) serve, and its HEALTHCHECK passes;
 - docker/Dockerfile, parsed by Docker's own parser (PyPI `dockerfile`): pinned bases, a distroless
   final stage that runs nothing at build time, a numeric non-root user, exec-form entrypoint, no extras;
@@ -137,18 +139,23 @@ class Dockerfile:
     def runs(self, stage: Stage) -> list[str]:
         return [c.value[0] for c in stage.instructions if c.cmd.upper() == "RUN"]
 
-    def builder_install(self) -> list[str]:
-        """The runtime's `pip install` in the stage the final one copies IMAGE_SITE from."""
+    def builder_installs(self) -> list[list[str]]:
+        """The runtime's `pip install`s, in order, in the stage the final one copies IMAGE_SITE from."""
         (copy,) = [c for c in self.final.instructions if c.cmd.upper() == "COPY" and IMAGE_SITE in c.value]
         (source,) = [f.split("=", 1)[1] for f in copy.flags if f.startswith("--from=")]
-        installs = [
+        return [
             shlex.split(part.strip())
             for run in self.runs(self.stage(source))
             for part in run.split("&&")
             if part.strip().startswith("pip install")
         ]
-        assert len(installs) == 1, installs
-        return installs[0]
+
+    def builder_install(self) -> tuple[list[str], list[str]]:
+        """The two installs: the locked dependencies (hashes required), then the wheel without dependencies."""
+        installs = self.builder_installs()
+        assert len(installs) == 2, installs
+        locked, wheel = installs
+        return locked, wheel
 
 
 # --- the runtime wheel --------------------------------------------------------------------------------
@@ -263,15 +270,34 @@ def _wait_serving(server: Server, probe: Probe) -> None:
         time.sleep(0.3)
 
 
+def _image_install_args(install: list[str], wheel: Path, target: Path | None) -> list[str]:
+    """A builder `pip install`'s arguments with the image's paths mapped to here (run from the repository root).
+
+    target None: the `--target` is dropped (a venv's own site-packages instead); nothing else changes.
+    """
+    assert install[:2] == ["pip", "install"], install
+    args = install[2:]
+    if target is None:
+        at = args.index("--target")
+        args = args[:at] + args[at + 2 :]
+    return [str(target) if a == IMAGE_SITE else str(wheel) if a.startswith("/wheels/extproc-") else a for a in args]
+
+
 @pytest.fixture(scope="module")
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel installed as a user would: `pip install <wheel>`, no extras."""
+    """A fresh venv, no extras, installed as the image is: the locked dependencies (hashes required), then
+    the wheel with --no-deps. `pip check` then proves the lock holds every dependency the wheel declares."""
     home = tmp_path_factory.mktemp("venv")
     result = _run([sys.executable, "-m", "venv", str(home / "venv")])
     assert result.returncode == 0, result.stderr
     python = home / "venv" / "bin" / "python"
-    result = _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", str(wheel)], env=_clean_env())
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    for install in Dockerfile.parse().builder_install():
+        args = _image_install_args(install, wheel, None)
+        pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *args]
+        result = _run(pip, env=_clean_env(), cwd=ROOT)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    check = _run([str(python), "-m", "pip", "check"], env=_clean_env())
+    assert check.returncode == 0, check.stdout + check.stderr
     return home / "venv"
 
 
@@ -311,14 +337,12 @@ def test_clean_venv_serves_and_reports_healthy(venv: Path, tmp_path: Path) -> No
 def image_site(wheel: Path, venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builder's `pip install` of the runtime, run here into a temporary stand-in for /opt/extproc."""
     site = tmp_path_factory.mktemp("image") / "opt-extproc"
-    install = Dockerfile.parse().builder_install()
-    assert install[:2] == ["pip", "install"], install
-    # The same arguments, only the paths differ; the clean venv's pip runs them.
-    args = [
-        str(site) if a == IMAGE_SITE else str(wheel) if a.startswith("/wheels/extproc-") else a for a in install[2:]
-    ]
-    result = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", *args])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    # The same installs in the same order, only the paths differ; the clean venv's pip runs them.
+    for install in Dockerfile.parse().builder_install():
+        args = _image_install_args(install, wheel, site)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", *args]
+        result = _run(pip, env=_clean_env(), cwd=ROOT)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     return site
 
 
@@ -416,10 +440,29 @@ def test_dockerfile_runtime_stage() -> None:
     assert dev_entrypoint[0] == ("python3", "-m", "extproc")
 
 
+def test_dockerfile_installs_the_runtime_from_the_hashed_lock() -> None:
+    image = Dockerfile.parse()
+    locked, wheel = image.builder_install()
+    for install in (locked, wheel):
+        assert "--target" in install and install[install.index("--target") + 1] == IMAGE_SITE, install
+        assert "--no-deps" in install, install  # nothing resolved beyond the lock
+    # The dependencies: the lock alone, every download checked against its hashes, wheels only.
+    assert "--require-hashes" in locked and "--only-binary=:all:" in locked, locked
+    assert locked[locked.index("-r") + 1] == "requirements/runtime.txt", locked
+    assert [a for a in locked[2:] if not a.startswith("-") and a not in (IMAGE_SITE, "requirements/runtime.txt")] == []
+    # The wheel: our build, and nothing else named.
+    assert [a for a in wheel[2:] if not a.startswith("-") and a != IMAGE_SITE] == ["/wheels/extproc-*.whl"], wheel
+    # The lock reaches the builder, before the install that reads it.
+    builder = image.stage("builder")
+    copies = [c for c in builder.instructions if c.cmd.upper() == "COPY" and "requirements/runtime.txt" in c.value]
+    runs = [c for c in builder.instructions if c.cmd.upper() == "RUN" and "requirements/runtime.txt" in c.value[0]]
+    assert copies and runs and builder.instructions.index(copies[0]) < builder.instructions.index(runs[0])
+
+
 def test_dockerfile_installs_no_extras_and_copies_existing_sources() -> None:
     image = Dockerfile.parse()
-    install = image.builder_install()
-    assert "--target" in install and install[install.index("--target") + 1] == IMAGE_SITE
+    for install in image.builder_install():
+        assert "--target" in install and install[install.index("--target") + 1] == IMAGE_SITE
     for stage in image.stages:
         for run in image.runs(stage):
             for part in run.split("&&"):
