@@ -21,7 +21,7 @@ import orjson
 
 from extproc import codes, errors, names
 from extproc.compiled import CompiledModel, CompiledPolicy, Target, compile_policy
-from extproc.endpoints import TRANSLATORS, ChatFraming, Translator
+from extproc.endpoints import TRANSLATORS, ChatFraming, Translator, dump_client_json
 from extproc.errors import GatewayError
 from extproc.identity import Identity
 from extproc.load import BackendLoad
@@ -230,15 +230,7 @@ class Gateway:
         `loads` is the latest scraped figure per backend: an input, so the decision stays pure.
         `record` gets what is learned as it is learned, so a refusal's log line says how far it got.
         """
-        try:
-            return self._on_request_body(need, raw, loads, record)
-        except orjson.JSONEncodeError:
-            # orjson reads 1,024 levels of nesting but writes only 254: a body that parsed can still
-            # fail to be written back (the rewrite, or `tools` serialized for the count). A client's
-            # mistake, not ours; walking every body to measure its depth first would cost every request.
-            raise errors.invalid_request(
-                f"The JSON body is nested too deeply: at most {_MAX_WRITTEN_DEPTH} levels are accepted."
-            ) from None
+        return self._on_request_body(need, raw, loads, record)
 
     def _on_request_body(
         self, need: NeedBody, raw: bytes, loads: Mapping[str, BackendLoad], record: RequestRecord | None
@@ -319,7 +311,7 @@ class Gateway:
                 body["stream_options"] = {**options, "include_usage": True}
                 hide_usage = True
                 changed = True
-        new_body = orjson.dumps(body) if changed else None
+        new_body = dump_client_json(body) if changed else None
         set_headers = [(self.backend_header, target.subset), (names.TRAFFIC_CLASS, need.traffic_class)]
         remove_headers: list[str] = []
         if identity is not None:
@@ -442,7 +434,6 @@ class Gateway:
 
 
 _MAX_LOGGED_MODEL = 128  # a model name as the client wrote it, in the log
-_MAX_WRITTEN_DEPTH = 254  # orjson.dumps's recursion limit
 _MAX_NOTED_PARAMS = 10
 
 

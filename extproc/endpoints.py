@@ -34,6 +34,26 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_MAX_WRITTEN_DEPTH = 254  # orjson writes at most this many levels of nesting
+
+
+def dump_client_json(value: Any) -> bytes:
+    """A client's JSON written back (the rewritten body, `tools` for counting), or its 400.
+
+    orjson reads 1,024 levels of nesting but writes only 254, so a body that parsed can still fail
+    to be written: the client's mistake, not an internal error. Only that error is turned into a 400;
+    measuring every body's depth first would cost every request.
+    """
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        if "Recursion limit" not in str(exc):
+            raise  # anything else is our bug: the adapter logs it and answers 500
+        raise invalid_request(
+            f"The JSON body is nested too deeply: at most {_MAX_WRITTEN_DEPTH} levels are accepted."
+        ) from None
+
+
 def _shown(value: Any) -> str:
     """A client's value quoted in an error message: short, and never an error of its own."""
     try:
@@ -183,10 +203,10 @@ class ChatCompletions(Translator):
                 total += counter.count(name)
             tool_calls = message.get("tool_calls")
             if isinstance(tool_calls, list):
-                total += counter.count(orjson.dumps(tool_calls).decode())
+                total += counter.count(dump_client_json(tool_calls).decode())
         tools = body.get("tools")
         if tools:
-            total += counter.count(orjson.dumps(tools).decode())
+            total += counter.count(dump_client_json(tools).decode())
         return PromptCost(total, total)
 
 

@@ -170,12 +170,12 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
         # A worker started after the file changed (one replacing a dead worker) must not serve the
         # policy the replica started with until its first poll, or for good with --reload-interval 0:
         # a key revoked by a reload would be accepted again. Checked before the port opens.
+        loop.add_signal_handler(signal.SIGHUP, watcher.request)  # first: a SIGHUP meanwhile is not lost
         try:
             await watcher.check()
         except Exception:
             log.exception("policy reload failed")
         watcher.start()
-        loop.add_signal_handler(signal.SIGHUP, watcher.request)
     server = grpc.aio.server(options=grpc_options(options.policy))
     add_processor_to_server(processor, server)
     health = HealthServicer()

@@ -49,7 +49,9 @@ def usage_from_object(obj: object) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0)
+    completion = usage.get("completion_tokens")
+    if completion is None:  # embeddings: absent or null
+        completion = 0
     if not _is_count(prompt) or not _is_count(completion):
         return None  # not a usage we can settle with: the reservation's estimate stands instead
     return Usage(prompt, completion)

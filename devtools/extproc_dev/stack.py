@@ -146,7 +146,9 @@ class ManagedProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                # The whole session: a hung supervisor's workers would otherwise keep the port (SO_REUSEPORT).
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
 
