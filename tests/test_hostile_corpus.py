@@ -12,7 +12,6 @@ More passes: EXTPROC_CORPUS_PASSES=10 .venv/bin/pytest tests/test_hostile_corpus
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import http.client
 import json
@@ -342,10 +341,14 @@ class Answer:
     status: int | None  # None: the connection was closed with no response
     headers: dict[str, str]
     body: bytes
+    # The server closed while the body was still being sent: its early answer (a 413) can then be
+    # lost to the TCP reset our unsent bytes provoke, before we read it. HTTP/1.1 has no cure for that.
+    cut_while_sending: bool = False
 
 
 def send(port: int, case: Case) -> Answer:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    cut = False
     try:
         connection.putrequest(case.method, case.path, skip_accept_encoding=True)
         for key, value in case.headers.items():
@@ -363,23 +366,28 @@ def send(port: int, case: Case) -> Answer:
                     try:
                         connection.send(b"%x\r\n%s\r\n" % (len(piece), piece))
                     except OSError:
+                        cut = True
                         break  # Envoy answered (413) and closed while we were still sending
                 else:
                     connection.send(b"0\r\n\r\n")
             else:
                 # An early answer (413 on content-length) may close before the whole body left.
-                with contextlib.suppress(OSError):
+                try:
                     connection.send(body)
+                except OSError:
+                    cut = True
         response = connection.getresponse()
         return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
     except (http.client.RemoteDisconnected, ConnectionResetError):
-        return Answer(None, {}, b"")
+        return Answer(None, {}, b"", cut)
     finally:
         connection.close()
 
 
 def assert_answer(case: Case, answer: Answer) -> None:
     where = f"{case.name}: {answer.status} {answer.body[:300]!r}"
+    if answer.status is None and answer.cut_while_sending and case.status == 413:
+        return  # Envoy refused the oversized body and closed; the reset beat its 413 to us
     assert answer.status is not None, f"{case.name}: connection closed with no response"
     assert answer.status < 500, where
     if case.status is not None:
