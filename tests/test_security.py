@@ -90,6 +90,9 @@ def _security_policy(directory: Path, *, trust_tenant_header: bool, key_prefix: 
     key_file.write_text(yaml.safe_dump([{"sha256": _sha(COLLIDE_B), "tenant": "collide-b", "name": "collide-b-key"}]))
     raw["auth"].update(trust_tenant_header=trust_tenant_header, key_files=[str(key_file)])
     raw["quotas"]["key_prefix"] = key_prefix
+    # tiny's example limits (60 requests, 1,000 tokens a minute) are for showing a 429 in the local
+    # stack; here tiny is a spoofer whose requests must all be served, however fast the tests run.
+    raw["tenants"]["tiny"]["limits"] = {"requests_per_minute": 100_000, "tokens_per_minute": 1_000_000}
     raw["tenants"].update(
         {
             "vault": {
