@@ -212,18 +212,22 @@ def _size(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
     return code, out, err
 
 
-def test_cli_sizes_a_policy_backend(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _size(
-        capsys,
+def _for_backend(model_config: str, gpu: str, backend: str) -> list[str]:
+    """`size` arguments for a backend of the example policy (its window and caps)."""
+    return [
         "--model-config",
-        str(LLAMA_8B),
+        model_config,
         "--gpu-memory",
-        "80GiB",
+        gpu,
         "--policy",
         str(example_policy_path()),
         "--backend",
-        "default-8b",
-    )
+        backend,
+    ]
+
+
+def test_cli_sizes_a_policy_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _size(capsys, *_for_backend(str(LLAMA_8B), "80GiB", "default-8b"))
     assert code == 0, out
     assert "window        8,192 tokens" in out
     assert "6,144 + 1,024 -> 7,168 tokens per sequence" in out
@@ -258,18 +262,7 @@ def test_cli_exits_1_on_problems(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1
     assert "weights do not fit" in out
     code, out, _ = _size(
-        capsys,
-        "--model-config",
-        str(LLAMA_8B),
-        "--gpu-memory",
-        "NVIDIA-H100-80GB-HBM3",
-        "--policy",
-        str(example_policy_path()),
-        "--backend",
-        "default-8b",
-        "--max-num-seqs",
-        "256",
-        "--json",
+        capsys, *_for_backend(str(LLAMA_8B), "NVIDIA-H100-80GB-HBM3", "default-8b"), "--max-num-seqs", "256", "--json"
     )
     assert code == 1
     (problem,) = json.loads(out)["problems"]
@@ -277,17 +270,7 @@ def test_cli_exits_1_on_problems(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_encoder(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _size(
-        capsys,
-        "--model-config",
-        str(BGE_M3),
-        "--gpu-memory",
-        "NVIDIA-L4",
-        "--policy",
-        str(example_policy_path()),
-        "--backend",
-        "embeddings",
-    )
+    code, out, _ = _size(capsys, *_for_backend(str(BGE_M3), "NVIDIA-L4", "embeddings"))
     assert code == 0
     assert "KV cache      does not apply" in out
 
@@ -321,18 +304,7 @@ def test_cli_exits_2_on_bad_input(capsys: pytest.CaptureFixture[str], argv: list
 
 def test_cli_flags_win_over_the_policy(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _size(
-        capsys,
-        "--model-config",
-        str(LLAMA_8B_FP8),
-        "--gpu-memory",
-        "NVIDIA-L4",
-        "--policy",
-        str(example_policy_path()),
-        "--backend",
-        "fast-8b",
-        "--max-model-len",
-        "2048",
-        "--json",
+        capsys, *_for_backend(str(LLAMA_8B_FP8), "NVIDIA-L4", "fast-8b"), "--max-model-len", "2048", "--json"
     )
     assert code == 0
     document = json.loads(out)
