@@ -23,6 +23,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc import errors, names, wire
+from extproc.codes import Outcome
 from extproc.core import BodyMode
 from extproc.policy import Policy
 
@@ -213,4 +214,50 @@ def local_reply_config(max_body_bytes: int, *, authorities: str | None = None) -
                 authorities=authorities,
             ),
         ]
+    }
+
+
+# How a stream ended, as Envoy's access log tells it. The ext_proc stream ends the same way for a
+# client that hung up and for an upstream that reset mid-response (Envoy cancels it), so Envoy
+# reports such ends over gRPC (its HTTP access log service) to the gateway's own port, where
+# `extproc.stream_ends` takes them. Flags in order of precedence: an upstream reset outranks the
+# downstream reset Envoy then causes. Each: Envoy's short name (the access log filter), the field
+# of `envoy.data.accesslog.v3.ResponseFlags` it sets, and the outcome the request gets.
+STREAM_END_LOG_NAME: Final = "extproc-stream-ends"
+STREAM_END_FLAGS: Final[tuple[tuple[str, str, Outcome], ...]] = (
+    ("UR", "upstream_remote_reset", "upstream_error"),
+    ("UC", "upstream_connection_termination", "upstream_error"),
+    ("UPE", "upstream_protocol_error", "upstream_error"),
+    ("UT", "upstream_request_timeout", "timeout"),
+    ("UMSDR", "upstream_max_stream_duration_reached", "timeout"),
+    ("SI", "stream_idle_timeout", "timeout"),
+    ("DC", "downstream_connection_termination", "cancelled"),
+    ("DR", "downstream_remote_reset", "cancelled"),
+)
+ACCESS_LOGGER: Final = "envoy.access_loggers.http_grpc"
+ACCESS_LOGGER_TYPE: Final = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+
+
+def stream_end_log(cluster_name: str, backend_header: str) -> dict[str, Any]:
+    """The connection manager's access log entry that reports cut streams to the gateway.
+
+    Only requests the gateway routed (they carry its routing header) and only ends with one of
+    `STREAM_END_FLAGS`: a handful of entries, never the traffic. Sent one by one as they happen
+    (`buffer_size_bytes: 0`), since the gateway holds the request's outcome until one arrives.
+    """
+    flags = [short for short, _field, _outcome in STREAM_END_FLAGS]
+    routed = {"header": {"name": backend_header, "present_match": True}}
+    return {
+        "name": ACCESS_LOGGER,
+        "filter": {"and_filter": {"filters": [{"response_flag_filter": {"flags": flags}}, {"header_filter": routed}]}},
+        "typed_config": {
+            "@type": ACCESS_LOGGER_TYPE,
+            "common_config": {
+                "log_name": STREAM_END_LOG_NAME,
+                "transport_api_version": "V3",
+                # No timeout: one long-lived stream per Envoy worker thread.
+                "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name}},
+                "buffer_size_bytes": 0,
+            },
+        },
     }

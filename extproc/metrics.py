@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from extproc import codes
+from extproc.filter_contract import STREAM_END_FLAGS
 from extproc.policy import TRAFFIC_CLASSES
 from extproc.recorder import Recorder, RequestRecord
 
@@ -48,6 +49,9 @@ _LIVE_MODES = ("livesum", "livemostrecent", "livemax")
 NONE = "none"
 OTHER = codes.OTHER
 ANONYMOUS = "anonymous"
+NONE_REPORTED = NONE
+# The `report` label of extproc_cut_streams: each outcome Envoy's stream-end log can report, or none.
+CUT_STREAM_REPORTS = (*dict.fromkeys(outcome for _, _, outcome in STREAM_END_FLAGS), NONE_REPORTED)
 
 
 class MetricFile:
@@ -325,6 +329,12 @@ class GatewayMetrics(Recorder):
             [*rollout, "result"],
         )
         self.finish_reasons = Counter(f, "extproc_finish_reasons", "Choices by finish_reason.", [*rollout, "reason"])
+        self.cut_streams = Counter(
+            f,
+            "extproc_cut_streams",
+            "Responses cut short, by how Envoy's access log said they ended (none: no report in time).",
+            ["report"],
+        )
         self.reloads = Counter(f, "extproc_policy_reloads", "Policy reloads by result.", ["result"])
         self.policy_info = Gauge(f, "extproc_policy_info", "The loaded policy's digest.", ["digest"], "livemax")
         self.store_errors = Counter(
@@ -386,6 +396,8 @@ class GatewayMetrics(Recorder):
             self.store_errors.inc((operation,), 0)
         for result in ("ok", "refused"):
             self.reloads.inc((result,), 0)
+        for report in CUT_STREAM_REPORTS:
+            self.cut_streams.inc((report,), 0)
         self.degraded.set((), 0)
         self.pending.set((), 0)
 
@@ -419,6 +431,9 @@ class GatewayMetrics(Recorder):
             self.tool_calls.inc((model, backend, version, "invalid"), record.tool_calls_invalid)
         for reason in record.finish_reasons:
             self.finish_reasons.inc((model, backend, version, reason if reason in _FINISH_REASONS else OTHER))
+
+    def cut_stream(self, reported: str | None) -> None:
+        self.cut_streams.inc((reported or NONE_REPORTED,))
 
     def phase_time(self, phase: str, seconds: float) -> None:
         self.processing.observe((phase,), seconds)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from enum import Enum
+from functools import partial
 from typing import TypeAlias
 
 import grpc
@@ -23,6 +24,7 @@ from envoy.type.v3 import http_status_pb2
 from extproc import codes, errors, names, wire
 from extproc.access_log import DEBUG_PROMPT_BYTES, AccessLog
 from extproc.admission import AdmissionQueue, Shed, Slot
+from extproc.codes import Outcome
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.endpoints import TRANSLATORS
 from extproc.errors import GatewayError
@@ -32,6 +34,7 @@ from extproc.quota.service import QuotaService, Reservation
 from extproc.recorder import NULL_RECORDER, Recorder, RequestRecord
 from extproc.routing import CLASS_PRIORITY
 from extproc.saturation import queue_shed_error
+from extproc.stream_ends import StreamEnds
 
 log = logging.getLogger("extproc.request")
 
@@ -199,6 +202,7 @@ class RequestStream:
         "recorder",
         "reservation",
         "slot",
+        "stream_ends",
         "watcher",
     )
 
@@ -210,8 +214,10 @@ class RequestStream:
         queue: AdmissionQueue | None = None,
         recorder: Recorder = NULL_RECORDER,
         access_log: AccessLog | None = None,
+        stream_ends: StreamEnds | None = None,
     ) -> None:
         self.gateway = gateway  # the policy in force when the stream began: a reload never changes it midway
+        self.stream_ends = stream_ends
         self.quotas = quotas
         self.loads = loads
         self.queue = queue
@@ -431,12 +437,29 @@ class RequestStream:
         if record is not None:
             try:
                 self._close_record(record, prompt, completion)
-                self.recorder.request_done(record)
-                if self.access_log is not None:
-                    self.access_log.write(record)
             except Exception:  # recording must never cost the settlement
                 log.exception("recording a finished request failed")
+            # Cut mid-response: the client left, or the upstream reset or timed out. Only Envoy's
+            # report tells which (`extproc.stream_ends`); the settlement does not wait for it.
+            cut = record.outcome == "cancelled" and self.watcher is not None and self.watcher.status != 0
+            ends = self.stream_ends
+            if not (cut and ends is not None and ends.hold(record.request_id, partial(self._write_cut, record))):
+                self._write_record(record)
         return settlement
+
+    def _write_cut(self, record: RequestRecord, reported: Outcome | None) -> None:
+        self.recorder.cut_stream(reported)
+        if reported is not None:
+            record.outcome = reported
+        self._write_record(record)
+
+    def _write_record(self, record: RequestRecord) -> None:
+        try:
+            self.recorder.request_done(record)
+            if self.access_log is not None:
+                self.access_log.write(record)
+        except Exception:
+            log.exception("recording a finished request failed")
 
     def _close_record(self, record: RequestRecord, prompt: int, completion: int) -> None:
         record.duration_s = time.perf_counter() - record.started
@@ -505,6 +528,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         queue: AdmissionQueue | None = None,
         recorder: Recorder = NULL_RECORDER,
         access_log: AccessLog | None = None,
+        stream_ends: StreamEnds | None = None,
     ) -> None:
         # Replaced whole by a reload (one assignment); each stream keeps the one it began with.
         self.gateway = gateway
@@ -513,11 +537,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.queue = queue
         self.recorder = recorder
         self.access_log = access_log
+        self.stream_ends = stream_ends
+        self.active = 0  # streams open now
+
+    async def idle(self, timeout_s: float) -> None:
+        """Until no stream is open (a draining server), or `timeout_s` is over."""
+        deadline = time.monotonic() + timeout_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Wire]:
-        stream = RequestStream(self.gateway, self.quotas, self.loads, self.queue, self.recorder, self.access_log)
+        stream = RequestStream(
+            self.gateway, self.quotas, self.loads, self.queue, self.recorder, self.access_log, self.stream_ends
+        )
+        self.active += 1
         try:
             async for request in request_iterator:
                 try:
@@ -530,6 +565,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             # Envoy closes streams it no longer needs, clients go away: both are normal.
             pass
         finally:
+            self.active -= 1
             # Never awaited here: Envoy resets the stream once the HTTP exchange is over, which
             # would cancel a settlement in flight. The quota service settles in its own task.
             settlement = stream.finish()

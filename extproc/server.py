@@ -110,11 +110,13 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight streams within the grace period."""
     # Imported here so a parent that forks workers has created no gRPC object.
     import grpc
+    from envoy.service.accesslog.v3 import als_pb2_grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1._async import HealthServicer
 
     from extproc.core import Gateway
     from extproc.processor import ExternalProcessor
+    from extproc.stream_ends import AccessLogReceiver, StreamEnds
     from extproc.wire import add_processor_to_server
 
     recorder: Recorder = NULL_RECORDER
@@ -144,7 +146,8 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     if options.metrics_port and options.metrics_dir is not None and options.workers <= 1:
         # One process: it serves its own /metrics (a supervisor runs a metrics process instead).
         metrics.serve_metrics(options.metrics_port, replica_registry(Path(options.metrics_dir), in_flight))
-    processor = ExternalProcessor(gateway, quotas, CachedLoads(scraper), queue, recorder, access_log)
+    stream_ends = StreamEnds(options.redis_url)
+    processor = ExternalProcessor(gateway, quotas, CachedLoads(scraper), queue, recorder, access_log, stream_ends)
 
     def apply(new: CompiledPolicy) -> None:
         # One assignment: streams already running keep the gateway they began with.
@@ -178,6 +181,8 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
         watcher.start()
     server = grpc.aio.server(options=grpc_options(options.policy))
     add_processor_to_server(processor, server)
+    reports = AccessLogReceiver(stream_ends)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(reports, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(options.listen)
@@ -196,7 +201,12 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     await health.enter_graceful_shutdown()
     if watcher is not None:
         await watcher.stop()
-    await server.stop(options.grace_seconds)
+    stopped = asyncio.ensure_future(server.stop(options.grace_seconds))
+    # Envoy's access log streams stay open: end them once the ext_proc streams they report on are.
+    await processor.idle(options.grace_seconds)
+    reports.close()
+    await stopped
+    await stream_ends.drain()  # outcomes still waiting for a report (each for at most a second)
     await scraper.stop()
     await quotas.close()  # settlements in flight are written (or kept queued) before exit
     if access_log is not None:

@@ -501,6 +501,7 @@ DEFAULT_STATE = {
     "reset_after_chunks": None,
     "status": None,
     "delay_ms": None,
+    "token_delay_ms": None,
     "version": None,
     "broken_json": None,
     "broken_tool_args": None,

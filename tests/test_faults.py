@@ -757,6 +757,7 @@ def test_sigterm_while_a_worker_is_being_replaced_still_stops_the_replica(edge: 
 
 
 def test_upstream_reset_mid_stream_releases_the_reservation_and_the_slot(main: Rig) -> None:
+    reports_before = metric(main.stack, "extproc_cut_streams_total", report="upstream_error")
     fake_state(main.stack, "flaky", {"reset_after_chunks": 3})
     try:
         main.reload()  # a ConfigMap update while the upstream is failing
@@ -787,11 +788,12 @@ def test_upstream_reset_mid_stream_releases_the_reservation_and_the_slot(main: R
         assert line["usage"] == "estimated" and line["completion_tokens"] <= 3, line
     charged = sum(line["prompt_tokens"] + line["completion_tokens"] for line in cut_lines)
     assert main.settled("reset", charged + after.total_tokens)
-    # The gateway cannot tell an upstream reset from a client that left: both reach it as a cancelled
-    # ext_proc stream (README, "Observability"), so the outcome is `cancelled`, not `upstream_error`.
-    # When Envoy gives ext_proc a way to tell them apart, this becomes `upstream_error`.
-    assert {line["outcome"] for line in cut_lines} == {"cancelled"}
-    assert metric(main.stack, "extproc_requests_total", tenant="reset", outcome="cancelled") == 2
+    # Envoy cancels the ext_proc stream as it would for a client that left; its access log report
+    # (the response flag UR/UC/UPE, to the gateway's access log service) makes it an upstream error.
+    assert {line["outcome"] for line in cut_lines} == {"upstream_error"}, cut_lines
+    assert metric(main.stack, "extproc_requests_total", tenant="reset", outcome="upstream_error") == 2
+    assert metric(main.stack, "extproc_requests_total", tenant="reset", outcome="cancelled") == 0
+    assert metric(main.stack, "extproc_cut_streams_total", report="upstream_error") == reports_before + 2
     assert metric(main.stack, "extproc_requests_total", tenant="reset", outcome="ok") == 1
 
 
@@ -850,6 +852,9 @@ def test_upstream_slow_before_the_first_byte_still_completes(main: Rig) -> None:
 
 
 def test_clients_hanging_up_mid_stream_and_while_queued(main: Rig) -> None:
+    unreported_before = metric(main.stack, "extproc_cut_streams_total", report="none")
+    hang_ups_before = metric(main.stack, "extproc_cut_streams_total", report="cancelled")
+
     def queued() -> float:
         return metric(main.stack, "extproc_admission_queue_length", backend="queued")
 
@@ -888,6 +893,9 @@ def test_clients_hanging_up_mid_stream_and_while_queued(main: Rig) -> None:
     (left,) = access_log(main.stack, "leaver")
     assert (left["outcome"], left["completion_tokens"], left["prompt_tokens"]) == ("cancelled", 0, 0), left
     assert metric(main.stack, "extproc_requests_total", tenant="leaver", outcome="cancelled") == 1
+    # Envoy reported the holder's hang-up (DC), so its outcome did not wait out the report's deadline.
+    assert metric(main.stack, "extproc_cut_streams_total", report="cancelled") == hang_ups_before + 1
+    assert metric(main.stack, "extproc_cut_streams_total", report="none") == unreported_before
 
 
 # ----------------------------------------------------------------------------------------------

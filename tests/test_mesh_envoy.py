@@ -754,6 +754,37 @@ def test_gateway_down_is_a_json_503_and_recovery_is_immediate(mesh: Mesh, db: re
     assert [post_chat(mesh)[0] for _ in range(5)] == [200] * 5
 
 
+def put_fake_state(fake: Fake, state: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        f"{fake.url}/fake/state",
+        data=json.dumps(state).encode(),
+        method="PUT",
+        headers={"content-type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=5).close()
+
+
+def test_an_upstream_reset_mid_stream_is_reported_back_as_an_upstream_error(mesh: Mesh, db: redis.Redis) -> None:
+    """The EnvoyFilter's access log patch reaches the gateway: the cut stream's outcome is upstream_error."""
+    fresh_request_window(mesh, db)
+    reports = metric_sum(mesh, "extproc_cut_streams_total", report="upstream_error")
+    errors = metric_sum(mesh, "extproc_requests_total", outcome="upstream_error")
+    for fake in mesh.fakes.values():
+        # Paced, so the response's head is through the gateway and on to the client before the reset.
+        put_fake_state(fake, {"reset_after_chunks": 3, "token_delay_ms": 50})
+    try:
+        stream = sdk(mesh).chat.completions.create(stream=True, **chat_body(max_tokens=20))
+        with pytest.raises((openai.APIError, OSError)):
+            for _chunk in stream:
+                pass
+    finally:
+        for fake in mesh.fakes.values():
+            put_fake_state(fake, {"reset_after_chunks": None, "token_delay_ms": None})
+    wait_until(lambda: metric_sum(mesh, "extproc_cut_streams_total", report="upstream_error") == reports + 1, "report")
+    assert metric_sum(mesh, "extproc_requests_total", outcome="upstream_error") == errors + 1
+    assert metric_sum(mesh, "extproc_cut_streams_total", report="none") == 0
+
+
 # --- a listener shared with other services ----------------------------------------------------------
 
 

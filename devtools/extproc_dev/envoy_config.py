@@ -136,6 +136,8 @@ def render(setup: EnvoySetup) -> str:
         "http_filters": http_filters,
         "local_reply_config": filter_contract.local_reply_config(setup.max_body_bytes),
     }
+    if setup.extproc_port is not None:
+        hcm["access_log"] = [filter_contract.stream_end_log(EXTPROC_CLUSTER, setup.backend_header)]
     clusters = [_cluster(f"backend_{u.name}", u.host, [u.port], workload=u.workload) for u in setup.upstreams]
     if setup.extproc_port is not None:
         ports = [setup.extproc_port, *setup.extra_extproc_ports]

@@ -311,6 +311,8 @@ _KNOBS: dict[str, tuple[str, Callable[[object], bool]]] = {
     "reset_after_chunks": ("an integer >= 0", _int_in(0)),
     "status": ("an integer between 400 and 599", _int_in(400, 599)),
     "delay_ms": ("a number >= 0", _number_in(0)),
+    # Pacing: overrides --token-delay-ms (a stream that must still be running when a fault hits it).
+    "token_delay_ms": ("a number >= 0", _number_in(0)),
     # Rollout signals: the version header this engine sends (a pod label in the mesh), and
     # regressions a canary may carry: JSON-mode content that does not parse, tool-call
     # arguments that do not parse.
@@ -379,6 +381,12 @@ class _FakeVllm:
         self.state: dict[str, Any] = dict.fromkeys(_KNOBS)
         if state:
             self.state.update(_checked_state_update(state))
+
+    @property
+    def token_delay(self) -> float:
+        """Seconds per generated token: the state's `token_delay_ms` when set, else the command line's."""
+        override = self.state["token_delay_ms"]
+        return self.token_delay_s if override is None else float(override) / 1000.0
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -636,9 +644,9 @@ class _FakeVllm:
                 return await self._stream(
                     request, stats, chat, model, len(prompts), n_choices, n_out, prompt_tokens, include_usage, output
                 )
-            if self.token_delay_s > 0:
+            if self.token_delay > 0:
                 # Keep non-streamed latency consistent with streamed latency.
-                await asyncio.sleep(self.token_delay_s * n_out)
+                await asyncio.sleep(self.token_delay * n_out)
             stats.generation_tokens += n_out * n_choices
             stats.finished["length"] += len(prompts)
             return web.Response(
@@ -668,7 +676,7 @@ class _FakeVllm:
         else:
             req_id, obj = f"cmpl-{uuid.uuid4().hex}", "text_completion"
         created = int(time.time())
-        delay = self.token_delay_s
+        delay = self.token_delay
         generated = 0
         reset_after = self.state["reset_after_chunks"]
         sent = 0

@@ -141,7 +141,7 @@ def _patches(site: FilterSite, policy: Policy) -> list[dict[str, Any]]:
         },
         {
             # Envoy's own errors (the gateway unreachable, a backend down) in the OpenAI error shape,
-            # for requests to the LLM host only.
+            # for requests to the LLM host only; and the report of streams cut short.
             "applyTo": "NETWORK_FILTER",
             "match": {"context": context, "listener": listener},
             "patch": {
@@ -153,6 +153,8 @@ def _patches(site: FilterSite, policy: Policy) -> list[dict[str, Any]]:
                         "local_reply_config": filter_contract.local_reply_config(
                             policy.gateway.max_body_bytes, authorities=site.authorities
                         ),
+                        # Appended to the listener's access logs (a MERGE concatenates lists).
+                        "access_log": [filter_contract.stream_end_log(EXTPROC_CLUSTER, policy.gateway.backend_header)],
                     },
                 },
             },
