@@ -231,9 +231,11 @@ STREAM_END_FLAGS: Final[tuple[tuple[str, str, Outcome], ...]] = (
     ("UT", "upstream_request_timeout", "timeout"),
     ("UMSDR", "upstream_max_stream_duration_reached", "timeout"),
     ("SI", "stream_idle_timeout", "timeout"),
+    ("DT", "duration_timeout", "timeout"),
     ("DC", "downstream_connection_termination", "cancelled"),
     ("DR", "downstream_remote_reset", "cancelled"),
 )
+NO_STREAM_END_REPORT: Final = "none"  # the metric label of a cut stream no report came for
 ACCESS_LOGGER: Final = "envoy.access_loggers.http_grpc"
 ACCESS_LOGGER_TYPE: Final = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 

@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from extproc import codes
-from extproc.filter_contract import STREAM_END_FLAGS
+from extproc.filter_contract import NO_STREAM_END_REPORT, STREAM_END_FLAGS
 from extproc.policy import TRAFFIC_CLASSES
 from extproc.recorder import Recorder, RequestRecord
 
@@ -49,9 +49,8 @@ _LIVE_MODES = ("livesum", "livemostrecent", "livemax")
 NONE = "none"
 OTHER = codes.OTHER
 ANONYMOUS = "anonymous"
-NONE_REPORTED = NONE
 # The `report` label of extproc_cut_streams: each outcome Envoy's stream-end log can report, or none.
-CUT_STREAM_REPORTS = (*dict.fromkeys(outcome for _, _, outcome in STREAM_END_FLAGS), NONE_REPORTED)
+CUT_STREAM_REPORTS = (*dict.fromkeys(outcome for _, _, outcome in STREAM_END_FLAGS), NO_STREAM_END_REPORT)
 
 
 class MetricFile:
@@ -432,8 +431,8 @@ class GatewayMetrics(Recorder):
         for reason in record.finish_reasons:
             self.finish_reasons.inc((model, backend, version, reason if reason in _FINISH_REASONS else OTHER))
 
-    def cut_stream(self, reported: str | None) -> None:
-        self.cut_streams.inc((reported or NONE_REPORTED,))
+    def cut_stream(self, reported: str) -> None:
+        self.cut_streams.inc((reported if reported in CUT_STREAM_REPORTS else OTHER,))
 
     def phase_time(self, phase: str, seconds: float) -> None:
         self.processing.observe((phase,), seconds)

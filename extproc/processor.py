@@ -28,7 +28,12 @@ from extproc.codes import Outcome
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.endpoints import TRANSLATORS
 from extproc.errors import GatewayError
-from extproc.filter_contract import CONTINUE_RESPONSE_HEADERS, MODE_OVERRIDES, RESPONSE_HEADERS_WITH_MODE
+from extproc.filter_contract import (
+    CONTINUE_RESPONSE_HEADERS,
+    MODE_OVERRIDES,
+    NO_STREAM_END_REPORT,
+    RESPONSE_HEADERS_WITH_MODE,
+)
 from extproc.load import BackendLoad
 from extproc.quota.service import QuotaService, Reservation
 from extproc.recorder import NULL_RECORDER, Recorder, RequestRecord
@@ -442,24 +447,15 @@ class RequestStream:
             # Cut mid-response: the client left, or the upstream reset or timed out. Only Envoy's
             # report tells which (`extproc.stream_ends`); the settlement does not wait for it.
             cut = record.outcome == "cancelled" and self.watcher is not None and self.watcher.status != 0
-            ends = self.stream_ends
-            if not (cut and ends is not None and ends.hold(record.request_id, partial(self._write_cut, record))):
-                self._write_record(record)
+            if not cut:
+                _write_record(self.recorder, self.access_log, record, None)
+            else:
+                # Bound to the record alone, not this stream: a held outcome keeps no body alive.
+                write = partial(_write_cut, self.recorder, self.access_log, record)
+                ends = self.stream_ends
+                if ends is None or not ends.hold(record.request_id, write):
+                    write(None)
         return settlement
-
-    def _write_cut(self, record: RequestRecord, reported: Outcome | None) -> None:
-        self.recorder.cut_stream(reported)
-        if reported is not None:
-            record.outcome = reported
-        self._write_record(record)
-
-    def _write_record(self, record: RequestRecord) -> None:
-        try:
-            self.recorder.request_done(record)
-            if self.access_log is not None:
-                self.access_log.write(record)
-        except Exception:
-            log.exception("recording a finished request failed")
 
     def _close_record(self, record: RequestRecord, prompt: int, completion: int) -> None:
         record.duration_s = time.perf_counter() - record.started
@@ -484,6 +480,26 @@ class RequestStream:
             record.outcome = "ok"
         else:
             record.outcome = "cancelled"  # the stream ended before its last chunk
+
+
+def _write_cut(
+    recorder: Recorder, access_log: AccessLog | None, record: RequestRecord, reported: Outcome | None
+) -> None:
+    """A response cut short: its outcome as Envoy reported it (None: no report, it stays cancelled)."""
+    if reported is not None:
+        record.outcome = reported
+    _write_record(recorder, access_log, record, reported or NO_STREAM_END_REPORT)
+
+
+def _write_record(recorder: Recorder, access_log: AccessLog | None, record: RequestRecord, cut: str | None) -> None:
+    try:  # recording must never cost the settlement, which may still be ahead of this call
+        if cut is not None:
+            recorder.cut_stream(cut)
+        recorder.request_done(record)
+        if access_log is not None:
+            access_log.write(record)
+    except Exception:
+        log.exception("recording a finished request failed")
 
 
 def _record_for(need: NeedBody | None, headers: dict[str, str], started: float) -> RequestRecord:
@@ -548,10 +564,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Wire]:
+    ) -> None:
+        # Replies are written rather than yielded: the same path in grpc.aio, and a coroutine
+        # compiles (mypyc has no async generators).
         stream = RequestStream(
             self.gateway, self.quotas, self.loads, self.queue, self.recorder, self.access_log, self.stream_ends
         )
+        write = context.write
         self.active += 1
         try:
             async for request in request_iterator:
@@ -560,7 +579,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 except Exception:
                     log.exception("internal error in phase %s", stream.phase.value)
                     response = stream.failed(request)
-                yield response
+                await write(response)
         except asyncio.CancelledError:
             # Envoy closes streams it no longer needs, clients go away: both are normal.
             pass

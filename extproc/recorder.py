@@ -70,8 +70,8 @@ class Recorder:
     def request_done(self, record: RequestRecord) -> None:
         """A request is over (served, refused, or cut short): once per request."""
 
-    def cut_stream(self, reported: str | None) -> None:
-        """A response cut short, and the outcome Envoy reported for it (None: no report in time)."""
+    def cut_stream(self, reported: str) -> None:
+        """A response cut short, and the outcome Envoy reported for it (`none`: no report in time)."""
 
     def phase_time(self, phase: str, seconds: float) -> None:
         """The gateway's own time on one ext_proc message (or on the quota round trip)."""

@@ -204,6 +204,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     stopped = asyncio.ensure_future(server.stop(options.grace_seconds))
     # Envoy's access log streams stay open: end them once the ext_proc streams they report on are.
     await processor.idle(options.grace_seconds)
+    await stream_ends.settled(stream_ends.wait_s)  # the last cut streams' reports may still be on their way
     reports.close()
     await stopped
     await stream_ends.drain()  # outcomes still waiting for a report (each for at most a second)

@@ -37,9 +37,11 @@ from extproc.quota.resp import RespConnection, RespUnavailable, pack
 log = logging.getLogger(__name__)
 
 REPORT_WAIT_S: Final = 1.0
-REPORT_TTL_S: Final = 60.0
+# A report is of use only while its stream may still be waiting: a few seconds, not minutes.
+REPORT_TTL_S: Final = 5.0
 MAX_REPORTS: Final = 10_000
 MAX_WAITING: Final = 10_000
+MAX_SHARING: Final = 10_000  # reports queued for Redis; past that they are kept here only
 MAX_REQUEST_ID: Final = 128  # as the request record keeps it
 _REDIS_STEP_S: Final = 0.25  # how often a waiter looks in Redis
 _KEY_PREFIX: Final = b"extproc:stream-end:"
@@ -76,21 +78,33 @@ class StreamEnds:
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._redis = RespConnection(redis_url, timeout_s=0.25) if redis_url else None
+        self._to_share: list[bytes] = []  # SETs for Redis, written in one pipeline per loop turn
+        self.unshared = 0  # reports that could not be queued for Redis (the queue was full)
 
     # -- reports ----------------------------------------------------------------------------------
 
     def report(self, request_id: str, outcome: Outcome) -> None:
         """Envoy says how `request_id` ended: wake its waiter here, and tell the other workers."""
-        request_id = request_id[:MAX_REQUEST_ID]
+        if len(request_id) > MAX_REQUEST_ID or not request_id.isascii() or not request_id.isprintable():
+            return  # not an id the ext_proc stream can have kept
         waiter = self._waiters.pop(request_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(outcome)
             return  # its stream was here: nobody else waits for it
         self._keep(request_id, outcome)  # it may arrive before its stream is over
         if self._redis is not None:
+            if len(self._to_share) >= MAX_SHARING:
+                self.unshared += 1
+                return
             key = _KEY_PREFIX + request_id.encode()
-            ttl_ms = b"%d" % int(self._ttl_s * 1000)
-            self._spawn(self._write(pack(b"SET", key, outcome.encode(), b"PX", ttl_ms)))
+            self._to_share.append(pack(b"SET", key, outcome.encode(), b"PX", b"%d" % int(self._ttl_s * 1000)))
+            if len(self._to_share) == 1:
+                asyncio.get_running_loop().call_soon(self._share)
+
+    def _share(self) -> None:
+        commands, self._to_share = self._to_share, []
+        if commands:
+            self._spawn(self._write(commands))
 
     def _keep(self, request_id: str, outcome: Outcome) -> None:
         now = self._clock()
@@ -109,10 +123,10 @@ class StreamEnds:
             return None
         return kept[1]
 
-    async def _write(self, command: bytes) -> None:
+    async def _write(self, commands: list[bytes]) -> None:
         assert self._redis is not None
         try:
-            await self._redis.execute([command])
+            await self._redis.execute(commands)
         except RespUnavailable as exc:
             log.debug("could not share a stream-end report: %s", exc)
 
@@ -120,7 +134,8 @@ class StreamEnds:
         if self._redis is None:
             return None
         try:
-            (reply,) = await self._redis.execute([pack(b"GET", _KEY_PREFIX + request_id.encode())])
+            # GETDEL: a report is used once, so an id a client sends again finds nothing stale.
+            (reply,) = await self._redis.execute([pack(b"GETDEL", _KEY_PREFIX + request_id.encode())])
         except RespUnavailable:
             return None
         return _ENCODED.get(reply) if isinstance(reply, bytes) else None
@@ -130,7 +145,8 @@ class StreamEnds:
     def hold(self, request_id: str | None, record: Callable[[Outcome | None], None]) -> bool:
         """Call `record` with the reported outcome once known (None: no report came in time).
 
-        False when it cannot wait (no request id, too many waiting): the caller records at once.
+        False when it cannot wait (no request id, too many waiting, another stream with the same id
+        waiting): the caller records at once.
         """
         if request_id is None:
             return False
@@ -139,7 +155,7 @@ class StreamEnds:
         if known is not None:
             record(known)
             return True
-        if len(self._tasks) >= self._max_waiting:
+        if len(self._waiters) >= self._max_waiting or request_id in self._waiters:
             return False
         waiter: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = waiter
@@ -161,6 +177,8 @@ class StreamEnds:
                     outcome = await asyncio.wait_for(asyncio.shield(waiter), min(step, left))
                 except TimeoutError:
                     outcome = await self._read(request_id)
+            if outcome is None and waiter.done():  # reported while the last look in Redis was under way
+                outcome = waiter.result()
         finally:
             if self._waiters.get(request_id) is waiter:
                 del self._waiters[request_id]
@@ -175,8 +193,15 @@ class StreamEnds:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    async def settled(self, timeout_s: float) -> None:
+        """Until no outcome waits for a report, or `timeout_s` is over (a draining server)."""
+        deadline = self._clock() + timeout_s
+        while self._waiters and self._clock() < deadline:
+            await asyncio.sleep(0.05)
+
     async def drain(self) -> None:
         """At shutdown: let every held outcome be recorded (each waits at most `wait_s`)."""
+        self._share()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._redis is not None:
@@ -208,6 +233,8 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         finally:
             reading.cancel()
             closing.cancel()
+        if reading.done() and not reading.cancelled() and reading.exception() is not None:
+            log.error("reading Envoy's access log stream failed", exc_info=reading.exception())
         return als_pb2.StreamAccessLogsResponse()
 
     async def _read(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage]) -> None:

@@ -29,12 +29,16 @@ class CountingRecorder(Recorder):
         self.digests: list[str] = []
         self.queue: dict[tuple[str, str], int] = {}
         self.loads: dict[str, tuple[float | None, float | None, float | None]] = {}
+        self.cut_streams: list[str] = []
 
     def request_done(self, record: RequestRecord) -> None:
         self.records.append(record)
 
     def phase_time(self, phase: str, seconds: float) -> None:
         self.phases[phase] += 1
+
+    def cut_stream(self, reported: str) -> None:
+        self.cut_streams.append(reported)
 
     def policy_loaded(self, digest: str, backends: object = ()) -> None:
         self.digests.append(digest)

@@ -16,7 +16,10 @@ from extproc.inflight import LocalInFlight
 from extproc.load import BackendLoad
 from extproc.policy import example_policy_path, load_policy
 from extproc.processor import RequestStream
+from extproc.quota.memory import MemoryStore
+from extproc.quota.service import QuotaService
 from extproc.recorder import RequestRecord
+from extproc.stream_ends import StreamEnds
 from tests.recording import CountingRecorder
 
 GATEWAY = Gateway.from_policy(load_policy(example_policy_path()))
@@ -178,3 +181,80 @@ def test_a_client_that_leaves_while_queued_is_cancelled_and_counted_once() -> No
     (record,) = recorder.records
     assert (record.outcome, record.backend, record.traffic_class) == ("cancelled", "batch-pool", "batch")
     assert record.queue_s > 0.04
+
+
+# -- streams cut mid-response: the outcome Envoy reports (extproc.stream_ends) ------------------------
+
+CUT = b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+
+
+def cut_stream(
+    ends: StreamEnds | None, recorder: CountingRecorder, request_id: str, quotas: QuotaService | None = None
+) -> Any:
+    """A streamed request cut after one event; what `finish` gave to settle."""
+    stream = RequestStream(GATEWAY, quotas, recorder=recorder, stream_ends=ends)
+
+    async def go() -> Any:
+        for message in (
+            request(**{"x-request-id": request_id}),
+            body({**CHAT, "stream": True}),
+            response(200, "text/event-stream"),
+            chunk(CUT, False),
+        ):
+            await stream.handle(message)
+        return stream.finish()
+
+    return go()
+
+
+@pytest.mark.parametrize(("reported", "outcome"), [("upstream_error", "upstream_error"), (None, "cancelled")])
+def test_a_cut_stream_takes_the_outcome_envoy_reports(reported: str | None, outcome: str) -> None:
+    recorder = CountingRecorder()
+
+    async def go() -> None:
+        ends = StreamEnds(wait_s=0.2)
+        await cut_stream(ends, recorder, "cut-1")
+        assert recorder.records == []  # held for the report
+        if reported is not None:
+            ends.report("cut-1", reported)  # type: ignore[arg-type]
+        await ends.drain()
+
+    asyncio.run(go())
+    (record,) = recorder.records
+    assert record.outcome == outcome
+    assert recorder.cut_streams == [reported or "none"]
+
+
+def test_a_stream_cut_before_any_response_or_refused_does_not_wait() -> None:
+    recorder = CountingRecorder()
+
+    async def go() -> None:
+        ends = StreamEnds(wait_s=30)
+        stream = RequestStream(GATEWAY, recorder=recorder, stream_ends=ends)
+        await stream.handle(request(**{"x-request-id": "early"}))
+        await stream.handle(body())
+        stream.finish()  # the client left before the response began
+        stream = RequestStream(GATEWAY, recorder=recorder, stream_ends=ends)
+        await stream.handle(request(key="sk-wrong", **{"x-request-id": "refused"}))
+        stream.finish()
+        assert ends.waiting == 0
+
+    asyncio.run(go())
+    assert [r.outcome for r in recorder.records] == ["cancelled", "unauthorized"]
+    assert recorder.cut_streams == []
+
+
+def test_a_failing_recorder_does_not_cost_a_cut_streams_settlement() -> None:
+    class Broken(CountingRecorder):
+        def request_done(self, record: RequestRecord) -> None:
+            raise RuntimeError("broken recorder")
+
+    async def go() -> Any:
+        ends = StreamEnds(wait_s=5)
+        ends.report("cut-2", "upstream_error")  # known already: recorded inside finish()
+        settlement = await cut_stream(ends, Broken(), "cut-2", QuotaService(MemoryStore()))
+        await ends.drain()
+        return settlement
+
+    reservation, _prompt, completion = asyncio.run(go())
+    assert reservation is not None and completion == 1  # one event seen before the cut

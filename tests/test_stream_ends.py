@@ -18,7 +18,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from extproc import filter_contract
 from extproc.codes import OUTCOMES, Outcome
 from extproc.filter_contract import STREAM_END_FLAGS, STREAM_END_LOG_NAME
-from extproc.stream_ends import AccessLogReceiver, StreamEnds, outcome_of_flags
+from extproc.stream_ends import MAX_SHARING, AccessLogReceiver, StreamEnds, outcome_of_flags
 from tests.redis_server import RedisServer
 
 
@@ -151,12 +151,33 @@ async def test_reports_expire() -> None:
 
 
 @pytest.mark.asyncio
-async def test_request_ids_are_cut_to_the_length_the_record_keeps() -> None:
-    ends, outcomes = StreamEnds(wait_s=5), Outcomes()
-    long_id = "x" * 500
-    ends.report(long_id, "upstream_error")
-    assert ends.hold(long_id[:128], outcomes.recorder("long"))
-    assert outcomes.got == {"long": "upstream_error"}
+async def test_ids_no_stream_can_have_are_not_kept() -> None:
+    ends, outcomes = StreamEnds(wait_s=0.01), Outcomes()
+    for request_id in ("x" * 129, "caf\u00e9", "a\nb"):
+        ends.report(request_id, "upstream_error")
+    assert len(ends._reports) == 0
+    ends.report("x" * 128, "upstream_error")
+    assert ends.hold("x" * 128, outcomes.recorder("longest"))
+    assert outcomes.got == {"longest": "upstream_error"}
+
+
+@pytest.mark.asyncio
+async def test_a_second_stream_with_a_waiting_id_does_not_wait() -> None:
+    ends = StreamEnds(wait_s=5)
+    assert ends.hold("same", Outcomes().recorder("first"))
+    assert not ends.hold("same", Outcomes().recorder("second"))  # recorded at once by its caller
+    ends.report("same", "cancelled")
+    await ends.drain()
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_reports_does_not_keep_outcomes_from_waiting() -> None:
+    ends = StreamEnds(wait_s=5, max_waiting=2)
+    for i in range(1000):
+        ends.report(f"flood-{i}", "upstream_error")
+    assert ends.hold("real", Outcomes().recorder("real"))
+    ends.report("real", "upstream_error")
+    await ends.drain()
 
 
 # -- across workers and replicas: Redis -------------------------------------------------------------
@@ -178,6 +199,25 @@ async def test_a_report_to_another_worker_reaches_the_waiting_one_through_redis(
         await receiving.drain()
         await holding.drain()
     assert outcomes.got == {"waits": "upstream_error", "later": "timeout"}
+
+
+@pytest.mark.asyncio
+async def test_reports_go_to_redis_in_one_pipeline_a_turn_and_a_bounded_queue(redis_server: RedisServer) -> None:
+    ends = StreamEnds(redis_server.url, wait_s=1)
+    for i in range(MAX_SHARING + 500):
+        ends.report(f"many-{i}", "cancelled")
+    assert ends.unshared == 500  # kept here only: the queue for Redis is full
+    await ends.drain()
+    other, outcomes = StreamEnds(redis_server.url, wait_s=1), Outcomes()
+    for request_id in ("many-0", f"many-{MAX_SHARING - 1}", f"many-{MAX_SHARING}"):
+        assert other.hold(request_id, outcomes.recorder(request_id))
+    await other.drain()
+    assert outcomes.got == {"many-0": "cancelled", f"many-{MAX_SHARING - 1}": "cancelled", f"many-{MAX_SHARING}": None}
+    # Taken once (GETDEL): a stream that reuses an id finds no stale report.
+    again = StreamEnds(redis_server.url, wait_s=0.3)
+    assert again.hold("many-0", outcomes.recorder("again"))
+    await again.drain()
+    assert outcomes.got["again"] is None
 
 
 @pytest.mark.asyncio
