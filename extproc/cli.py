@@ -9,6 +9,7 @@ import sys
 from collections.abc import Collection
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Any
 
 from extproc.policy import PolicyError, example_policy_path, load_policy
 
@@ -133,6 +134,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description="LLM traffic gateway (Envoy ext_proc)")
+    parser.add_argument("--version", action=_VersionAction, help="the release and its form (mypyc or python)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
@@ -257,6 +259,30 @@ def _plugin_commands(argv: list[str], builtin: Collection[str]) -> list[EntryPoi
     if named or (argv[:1] and argv[0] in builtin):
         return named
     return plugins
+
+
+class _VersionAction(argparse.Action):
+    """Like argparse's "version", but works out the form only when asked (it imports the hot path)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
+def _version() -> str:
+    """The release, and whether its hot path is compiled (`mypyc`) or runs from source (`python`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from extproc.compiled_form import form
+
+    try:
+        release = version("extproc")
+    except PackageNotFoundError:
+        release = "unknown"
+    return f"extproc {release} ({form()})"
 
 
 def main(argv: list[str] | None = None) -> int:

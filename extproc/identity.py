@@ -82,8 +82,8 @@ def load_key_file(path: str) -> list[tuple[str, KeySpec]]:
         tenant = item.pop("tenant")
         try:
             entries.append((str(tenant), KeySpec.model_validate(item)))
-        except ValueError as exc:
-            raise PolicyError(f"auth.key_files: {path}[{i}]: {exc}") from None
+        except ValueError as invalid:
+            raise PolicyError(f"auth.key_files: {path}[{i}]: {invalid}") from None
     return entries
 
 

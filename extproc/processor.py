@@ -18,7 +18,6 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from extproc import codes, errors, names, wire
@@ -535,7 +534,9 @@ def _refused(record: RequestRecord, error: GatewayError) -> None:
     record.outcome = error.kind.outcome
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+class ExternalProcessor:
+    """The ExternalProcessor service (registered by `wire.add_processor_to_server`)."""
+
     def __init__(
         self,
         gateway: Gateway,

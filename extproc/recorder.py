@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from mypy_extensions import mypyc_attr
+
 from extproc.codes import Outcome
 
 
@@ -64,6 +66,7 @@ class RequestRecord:
         return self.routed_backend is not None and self.backend != self.routed_backend
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it
 class Recorder:
     """The events the gateway reports. This base records nothing: tools and tests use it as is."""
 

@@ -114,6 +114,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1._async import HealthServicer
 
+    from extproc.compiled_form import form
     from extproc.core import Gateway
     from extproc.processor import ExternalProcessor
     from extproc.stream_ends import AccessLogReceiver, StreamEnds
@@ -191,7 +192,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     await server.start()
     for service in ("", HEALTH_SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving ext_proc on %s (pid %d)", options.listen, os.getpid())
+    log.info("serving ext_proc on %s (pid %d, %s form)", options.listen, os.getpid(), form())
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.accesslog.v3 import als_pb2
 
 from extproc.codes import OUTCOMES, Outcome
 from extproc.filter_contract import STREAM_END_FLAGS, STREAM_END_LOG_NAME
@@ -208,8 +208,10 @@ class StreamEnds:
             await self._redis.close()
 
 
-class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLogReceiver:
     """Envoy's access log service, for the stream-end log only (`filter_contract.stream_end_log`).
+    Registered with `als_pb2_grpc.add_AccessLogServiceServicer_to_server` (no generated base
+    class, which a compiled class cannot inherit from).
 
     Envoy keeps these streams open for good, so a stopping server would wait out its whole grace
     period for them: `close` ends them (Envoy opens a new one, to another replica, when it next

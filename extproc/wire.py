@@ -16,14 +16,13 @@ usual (`to_wire`), so rare replies (errors) keep using the generated classes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import Any, Literal, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.message import Message
 
 from extproc import names
@@ -162,7 +161,14 @@ def to_wire(response: bytes | Message) -> bytes:
     return response.SerializeToString()
 
 
-def add_processor_to_server(servicer: pb_grpc.ExternalProcessorServicer, server: grpc.aio.Server) -> None:
+class ProcessorServicer(Protocol):
+    """What `add_processor_to_server` needs: the one RPC (no generated base class, which a
+    compiled class cannot inherit from)."""
+
+    def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any) -> Awaitable[None]: ...
+
+
+def add_processor_to_server(servicer: ProcessorServicer, server: grpc.aio.Server) -> None:
     """`add_ExternalProcessorServicer_to_server`, with a serializer that sends prebuilt bytes as they are."""
     service = pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
     handlers = {

@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from extproc import filter_contract
+from extproc.compiled_form import COMPILED_MODULES
 from extproc.policy import example_policy_path, load_policy
 from extproc_dev import compose, mesh_assets
 from extproc_dev.envoy_config import EXTPROC_CLUSTER, EnvoySetup, Upstream, render
@@ -163,6 +164,7 @@ class Dockerfile:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The runtime wheel, built as the image's builder builds it (its environment: the compiled form)."""
     out = tmp_path_factory.mktemp("wheel")
     # setuptools builds in-tree: its build/ and egg-info go to the temporary directory instead, so a
     # stale build/lib from an earlier build cannot leak into this wheel, and the tree is left alone.
@@ -181,17 +183,32 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ".",
         ],
         cwd=ROOT,
-        env={**os.environ, "DIST_EXTRA_CONFIG": str(extra)},
+        env={**os.environ, "DIST_EXTRA_CONFIG": str(extra), **image_wheel_env()},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     (built,) = (out / "dist").glob("extproc-*.whl")
     return built
 
 
+def image_wheel_env() -> dict[str, str]:
+    """The variables the Dockerfile's `pip wheel ... .` line sets (EXTPROC_COMPILE=1: the compiled form)."""
+    text = (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    assignments = r"((?:(?<=\s)[A-Z_][A-Z0-9_]*=\S+\s+)*)"
+    (line,) = re.findall(assignments + r"pip wheel --no-deps --wheel-dir /wheels \.(?:\s|$)", text)
+    return dict(pair.split("=", 1) for pair in line.split())
+
+
 def test_wheel_holds_the_runtime_only(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     packages = {name.split("/")[0] for name in names}
-    assert packages == {"extproc", next(n for n in packages if n.endswith(".dist-info"))}, packages
+    # The compiled form: one extension module per compiled module, plus mypyc's shared runtime beside them.
+    shared = {n for n in packages if n.endswith(".so") and "__mypyc" in n}
+    assert packages == {"extproc", next(n for n in packages if n.endswith(".dist-info")), *shared}, packages
+    compiled = image_wheel_env().get("EXTPROC_COMPILE") == "1"
+    assert len(shared) == (1 if compiled else 0)
+    for path in COMPILED_MODULES:
+        built = any(n.startswith(path.removesuffix(".py") + ".cpython-") and n.endswith(".so") for n in names)
+        assert built == compiled, path
     assert "extproc/examples/policy.yaml" in names
     assert "extproc/py.typed" in names
     assert "extproc/__main__.py" in names  # the image's entrypoint is `python3 -m extproc`

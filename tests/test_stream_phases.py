@@ -10,6 +10,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.core import Gateway
 from extproc.processor import Phase, RequestStream
+from extproc.quota.plan import QuotaPlan, RuleSet
+from extproc.quota.service import Reservation
+from extproc.quota.store import AdmitResult
 
 
 def _headers(path: str = "/v1/chat/completions", end_of_stream: bool = False) -> pb.ProcessingRequest:
@@ -79,8 +82,10 @@ def test_the_usual_sequence_walks_every_phase(gateway: Gateway) -> None:
 
 def test_a_reservation_taken_before_an_internal_error_is_given_back(gateway: Gateway) -> None:
     stream = RequestStream(gateway)
-    reservation = object()
-    stream.reservation = reservation  # type: ignore[assignment]
+    # A real Reservation: the compiled form checks the attribute's type.
+    rule_set = RuleSet("t", (), [], (), (), ())
+    reservation = Reservation(QuotaPlan(rule_set, "r1", [], 0, 0), AdmitResult(True, None, ()))
+    stream.reservation = reservation
     assert stream.admission is None
     assert stream.finish() == (reservation, 0, 0)
     assert stream.finish() is None  # given back once

@@ -151,8 +151,8 @@ class ResilientStore(SettlesInBatches):
                 self._enqueue(item)
                 try:
                     await self.fallback.settle(item.tag, item.request_id, item.rules, item.actual)
-                except Exception as exc:  # one bad item must not cost the rest of the batch
-                    outcomes[index] = exc
+                except Exception as item_failure:  # one bad item must not cost the rest of the batch
+                    outcomes[index] = item_failure
             else:
                 for_primary.append(index)
         if not for_primary:

@@ -187,8 +187,8 @@ class RespConnection:
         # Published only once set up: a command sent before AUTH would be refused with NOAUTH.
         try:
             replies = await self._send(protocol, setup) if setup else []
-        except RespNoReply as exc:  # the callers' own commands were never sent: plainly unavailable
-            raise RespUnavailable(f"no answer to the connection setup: {exc}") from None
+        except RespNoReply as unanswered:  # the callers' own commands were never sent: plainly unavailable
+            raise RespUnavailable(f"no answer to the connection setup: {unanswered}") from None
         for reply in replies:
             if isinstance(reply, ReplyError):
                 protocol.fail(RespUnavailable("connection setup failed"))

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
+from mypy_extensions import mypyc_attr
+
 
 @dataclass(frozen=True, slots=True)
 class LimitRule:
@@ -79,6 +81,7 @@ class QuotaStore(Protocol):
     async def close(self) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it
 class SettlesInBatches:
     """Base for stores whose real settlement call is `settle_many`: `settle` is a batch of one."""
 

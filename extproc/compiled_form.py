@@ -1,0 +1,44 @@
+"""Which form of the package is running: compiled with mypyc, or pure Python.
+
+The per-request modules (`COMPILED_MODULES`) are compiled to C extensions with mypyc when the
+package is built with `EXTPROC_COMPILE=1` (the image does); the same sources run as plain Python
+anywhere else. `extproc --version` and the start-up log say which form is running.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Final
+
+# The hot path: every ext_proc message runs through these. Paths from the project root.
+COMPILED_MODULES: Final = (
+    "extproc/processor.py",
+    "extproc/core.py",
+    "extproc/wire.py",
+    "extproc/endpoints.py",
+    "extproc/identity.py",
+    "extproc/routing.py",
+    "extproc/sse.py",
+    "extproc/recorder.py",
+    "extproc/metrics.py",
+    "extproc/access_log.py",
+    "extproc/admission.py",
+    "extproc/saturation.py",
+    "extproc/errors.py",
+    "extproc/codes.py",
+    "extproc/tokenizer.py",
+    "extproc/stream_ends.py",
+    "extproc/quota/plan.py",
+    "extproc/quota/memory.py",
+    "extproc/quota/service.py",
+    "extproc/quota/resilient.py",
+    "extproc/quota/redis_store.py",
+    "extproc/quota/resp.py",
+    "extproc/quota/store.py",
+)
+
+
+def form() -> str:
+    """`mypyc` when the hot path is compiled, `python` when it runs from source."""
+    module = importlib.import_module("extproc.processor")
+    return "mypyc" if (module.__file__ or "").endswith((".so", ".pyd")) else "python"
