@@ -1137,27 +1137,38 @@ def record_gateway_replies(policy_path: Path, body: bytes) -> dict[str, bytes]:
     return asyncio.run(record())
 
 
-def measure_in_process(settings: Settings, policy_path: Path, batch: int = 2000, batches: int = 5) -> InProcess:
+def measure_in_process(
+    settings: Settings, policy_path: Path, batch: int = 2000, batches: int = 5, *, recorded: bool = False
+) -> InProcess:
     """CPU per request of everything our Python does for one request: parse the four messages,
     authenticate, validate, count, admit (memory store), rewrite, read usage, settle, build replies.
-    What the null ext_proc also does (parse, one lookup) is included; gRPC and the loop are not."""
+    What the null ext_proc also does (parse, one lookup) is included; gRPC and the loop are not.
+    `recorded`: with the Prometheus recorder and the JSON access log (to /dev/null), as `extproc serve`."""
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+    from extproc import metrics
+    from extproc.access_log import AccessLog
     from extproc.core import Gateway
     from extproc.processor import RequestStream
     from extproc.quota.memory import MemoryStore
     from extproc.quota.service import QuotaService
+    from extproc.recorder import NULL_RECORDER, Recorder
     from extproc.wire import to_wire
 
     policy = load_policy(policy_path)
     messages = _exchange_messages(chat_body(settings.max_tokens))
 
-    async def measure() -> list[float]:
+    async def measure(metrics_dir: str) -> list[float]:
         gateway = Gateway.from_policy(policy)
         quotas = QuotaService(MemoryStore()) if policy.tenants else None
+        recorder: Recorder = NULL_RECORDER
+        access_log = None
+        if recorded:
+            recorder = metrics.GatewayMetrics(metrics.MetricFiles(Path(metrics_dir), "w0"))
+            access_log = AccessLog(os.open(os.devnull, os.O_WRONLY))
 
         async def one() -> None:
-            stream = RequestStream(gateway, quotas)
+            stream = RequestStream(gateway, quotas, None, None, recorder, access_log)
             for raw in messages:
                 to_wire(await stream.handle(pb.ProcessingRequest.FromString(raw)))
             settlement = stream.finish()
@@ -1178,7 +1189,8 @@ def measure_in_process(settings: Settings, policy_path: Path, batch: int = 2000,
             await quotas.drain()
         return timed
 
-    timed = asyncio.run(measure())
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-metrics-") as metrics_dir:
+        timed = asyncio.run(measure(metrics_dir))
     return InProcess(statistics.median(timed), timed)
 
 
