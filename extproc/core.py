@@ -526,6 +526,11 @@ class ResponseWatcher:
         return self._sse is not None
 
     @property
+    def finished(self) -> bool:
+        """A stream whose `[DONE]` went by: complete, whether or not its end-of-stream follows."""
+        return self._sse is not None and self._sse.finished
+
+    @property
     def events_seen(self) -> int:
         return self._sse.events if self._sse is not None else 0
 

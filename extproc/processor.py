@@ -474,8 +474,9 @@ class RequestStream:
             record.finish_reasons = watcher.signals.finish_reasons
         if watcher.status >= 300:
             record.outcome = codes.upstream_outcome(watcher.status)
-        elif self.phase is Phase.DONE or (not watcher.streamed and watcher.bodies):
+        elif self.phase is Phase.DONE or (not watcher.streamed and watcher.bodies) or watcher.finished:
             # A JSON body over Envoy's buffer limit comes in part (BUFFERED_PARTIAL), the rest unseen.
+            # A client that has `[DONE]` may close before the stream's end reaches us: it has it all.
             record.outcome = "ok"
         else:
             record.outcome = "cancelled"  # the stream ended before its last chunk

@@ -17,6 +17,8 @@ import orjson
 from extproc.signals import ContentSignals
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+# The stream's last event (vLLM and OpenAI end every stream with it).
+_DONE_EVENT = re.compile(rb"data: ?\[DONE\][ \t]*\r?\n\r?\n?")
 # Only events that carry a usage object are parsed; every other chunk is a byte scan.
 _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 # With rollout signals on, also the chunks that end a choice, and (JSON mode, tools) those that carry
@@ -92,6 +94,7 @@ class SseUsageReader:
         self.max_pending_bytes = max_pending_bytes
         self.usage: Usage | None = None
         self.events = 0
+        self.finished = False  # the `[DONE]` event went by: the client has the whole stream
         self._pending = b""
         self._gave_up = False
 
@@ -107,6 +110,8 @@ class SseUsageReader:
             event = data[last_end : match.end()]
             last_end = match.end()
             self.events += 1
+            if b"[DONE]" in event and _DONE_EVENT.fullmatch(event):
+                self.finished = True
             if self._wanted is not None:
                 if self._wanted(event) is not None:
                     obj = self._parse(event)

@@ -198,6 +198,10 @@ def image_wheel_env() -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in line.split())
 
 
+def test_the_image_builds_the_compiled_form() -> None:
+    assert image_wheel_env() == {"EXTPROC_COMPILE": "1"}
+
+
 def test_wheel_holds_the_runtime_only(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     packages = {name.split("/")[0] for name in names}

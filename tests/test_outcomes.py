@@ -258,3 +258,27 @@ def test_a_failing_recorder_does_not_cost_a_cut_streams_settlement() -> None:
 
     reservation, _prompt, completion = asyncio.run(go())
     assert reservation is not None and completion == 1  # one event seen before the cut
+
+
+def test_a_stream_whose_done_event_went_by_is_complete_without_its_end_of_stream() -> None:
+    """A client that has `[DONE]` may hang up before the stream's empty last chunk reaches the gateway
+    (seen under load through Envoy): the request is ok, not a cut stream waiting for a report."""
+    recorder = CountingRecorder()
+
+    async def go() -> None:
+        ends = StreamEnds(wait_s=30)
+        stream = RequestStream(GATEWAY, recorder=recorder, stream_ends=ends)
+        for message in (
+            request(**{"x-request-id": "done-1"}),
+            body({**CHAT, "stream": True}),
+            response(200, "text/event-stream"),
+            chunk(CUT, False),
+            chunk(b"data: [DONE]\n\n", False),
+        ):
+            await stream.handle(message)
+        stream.finish()
+        assert ends.waiting == 0
+
+    asyncio.run(go())
+    (record,) = recorder.records
+    assert record.outcome == "ok" and recorder.cut_streams == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from extproc.sse import SseUsageReader
 
@@ -68,3 +69,20 @@ def test_memory_is_bounded_by_one_pending_event() -> None:
     # A stream that never frames an event is released rather than held.
     assert reader.feed(b"x" * 2048) == b"x" * 2048
     assert reader.feed(b"more") is None
+
+
+@pytest.mark.parametrize(
+    ("stream", "finished"),
+    [
+        (b'data: {"choices":[]}\n\n' + DONE, True),
+        (b"data:[DONE]\r\n\r\n", True),
+        (b'data: {"choices":[{"delta":{"content":"[DONE]"}}]}\n\n', False),  # the text, not the event
+        (b'data: {"choices":[]}\n\n', False),
+    ],
+)
+def test_the_done_event_marks_the_stream_finished(stream: bytes, finished: bool) -> None:
+    for i in range(len(stream) + 1):  # however the stream is cut into two chunks
+        reader = SseUsageReader(hide_usage_event=False)
+        reader.feed(stream[:i])
+        reader.feed(stream[i:])
+        assert reader.finished is finished, i
