@@ -28,7 +28,47 @@ def test_throughput_target_uses_the_paired_ratio() -> None:
     report = Report(Settings())
     report.saturation = {"B": saturation(NULL, [2000, 1000, 1500]), "C": saturation(GATEWAY, [1700, 850, 1000])}
     (row,) = [t for t in targets(report) if t[0].startswith("throughput C ")]
-    assert row == ("throughput C ≥ 0.8x B", "0.85x", True)
+    assert row == ("throughput C ≥ 0.9x B", "0.85x [0.67-0.85]", False)
+    report.saturation["C"] = saturation(GATEWAY, [1900, 950, 1300])
+    (row,) = [t for t in targets(report) if t[0].startswith("throughput C ")]
+    assert row == ("throughput C ≥ 0.9x B", "0.95x [0.87-0.95]", True)
+
+
+def test_redis_litellm_and_in_process_targets_have_their_own_bars() -> None:
+    report = Report(Settings())
+    report.saturation = {
+        "B": saturation(NULL, [2000, 2000]),
+        "C": saturation(GATEWAY, [1800, 1800]),
+        "C-redis": saturation(bench.GATEWAY_REDIS, [1620, 1620]),
+        "L": saturation(bench.LITELLM, [80, 100]),
+    }
+    runs = {
+        "before": bench.InProcessRun("baseline", "python", bench.InProcess(80, [80]), bench.InProcess(120, [120])),
+        "mypyc": bench.InProcessRun("this", "mypyc", bench.InProcess(35, [35]), bench.InProcess(55, [55])),
+    }
+    report.in_process_runs, report.form = runs, "mypyc"
+    found = {name: (measured, ok) for name, measured, ok in targets(report)}
+    assert found["throughput C-redis ≥ 0.8x B, quotas in Redis"] == ("0.81x [0.81-0.81]", True)
+    assert found["throughput C ≥ 20x LiteLLM's proxy (L), one worker each"] == ("20.25x [18.00-22.50]", True)
+    assert found["in-process cost per request (mypyc, recorded) ≤ 0.5x the baseline's"] == ("0.46x", True)
+
+
+def test_plots_are_drawn_beside_the_report(tmp_path: Path) -> None:
+    from extproc_dev.bench_plots import draw_plots
+
+    report = Report(Settings(rounds=2))
+    report.saturation = {"B": saturation(NULL, [2000, 1900]), "C": saturation(GATEWAY, [1800, 1700])}
+    report.rate = {"C": bench.RateResult(GATEWAY, 10, 10, 100.0, [1.0, 2.0, 3.0, 9.0], 0.1)}
+    report.rate_rps = 100
+    report.in_process_runs = {
+        "python": bench.InProcessRun("this", "python", bench.InProcess(70, [70]), bench.InProcess(80, [80]))
+    }
+    plots = draw_plots(report, tmp_path, "RESULTS")
+    assert [name for _, name in plots] == ["RESULTS-throughput.png", "RESULTS-latency.png", "RESULTS-in-process.png"]
+    for _, name in plots:
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    report.plots = plots
+    assert "![Throughput at saturation" in bench.render(report, "extproc bench")
 
 
 def test_in_process_cost_of_one_request_is_measured(tmp_path: Path) -> None:

@@ -92,7 +92,8 @@ Press Ctrl-C to stop.""",
 def _cmd_null(args: argparse.Namespace) -> int:
     from extproc_dev.null_processor import main as null_main
 
-    return null_main(args.listen, busy_us=args.busy_us, replay=Path(args.replay) if args.replay else None)
+    replay = Path(args.replay) if args.replay else None
+    return null_main(args.listen, busy_us=args.busy_us, replay=replay, write=args.write)
 
 
 def add_dev(sub: Subparsers) -> None:
@@ -118,6 +119,11 @@ def add_null_extproc(sub: Subparsers) -> None:
     null.add_argument(
         "--replay",
         help="answer request bodies and JSON response headers with recorded gateway replies (written by the bench)",
+    )
+    null.add_argument(
+        "--write",
+        action="store_true",
+        help="answer with context.write from a coroutine handler (as the gateway does) instead of yielding",
     )
     null.set_defaults(func=_cmd_null)
 

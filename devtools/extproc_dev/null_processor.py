@@ -70,17 +70,30 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         async for request in request_iterator:
-            kind = request.WhichOneof("request")
-            if self.busy_s and kind in ("request_headers", "request_body"):
-                _spin(self.busy_s)
-            if kind == "response_headers":
-                is_sse = any(
-                    h.key == "content-type" and h.raw_value.startswith(b"text/event-stream")
-                    for h in request.response_headers.headers.headers
-                )
-                yield _RESPONSE_HEADERS[BodyMode.STREAMED] if is_sse else self.json_response_headers
-            else:
-                yield self.replies[kind]
+            yield self.reply(request)
+
+    def reply(self, request: pb.ProcessingRequest) -> bytes:
+        kind = request.WhichOneof("request")
+        if self.busy_s and kind in ("request_headers", "request_body"):
+            _spin(self.busy_s)
+        if kind == "response_headers":
+            is_sse = any(
+                h.key == "content-type" and h.raw_value.startswith(b"text/event-stream")
+                for h in request.response_headers.headers.headers
+            )
+            return _RESPONSE_HEADERS[BodyMode.STREAMED] if is_sse else self.json_response_headers
+        return self.replies[str(kind)]
+
+
+class WritingNullProcessor(NullProcessor):
+    """The same answers written with `context.write` from a coroutine, the way the gateway's handler
+    sends them (mypyc compiles no async generators)."""
+
+    async def Process(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        async for request in request_iterator:
+            await context.write(self.reply(request))
 
 
 def _spin(seconds: float) -> None:
@@ -89,22 +102,25 @@ def _spin(seconds: float) -> None:
         pass
 
 
-async def run(listen: str, busy_us: float = 0.0, replies: Mapping[str, bytes] | None = None) -> None:
+async def run(
+    listen: str, busy_us: float = 0.0, replies: Mapping[str, bytes] | None = None, write: bool = False
+) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    add_processor_to_server(NullProcessor(busy_us, replies), server)
+    processor = (WritingNullProcessor if write else NullProcessor)(busy_us, replies)
+    add_processor_to_server(processor, server)
     server.add_insecure_port(listen)
     await server.start()
     await server.wait_for_termination()
 
 
-def main(listen: str, *, busy_us: float = 0.0, replay: Path | None = None) -> int:
+def main(listen: str, *, busy_us: float = 0.0, replay: Path | None = None, write: bool = False) -> int:
     replies = load_replies(replay) if replay is not None else None
     try:
         import uvloop
 
-        uvloop.run(run(listen, busy_us, replies))
+        uvloop.run(run(listen, busy_us, replies, write))
     except ImportError:
-        asyncio.run(run(listen, busy_us, replies))
+        asyncio.run(run(listen, busy_us, replies, write))
     except KeyboardInterrupt:
         pass
     return 0

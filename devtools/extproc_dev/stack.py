@@ -176,6 +176,7 @@ class LocalStack:
     replicas: int = 1  # separate `extproc serve` processes, each its own port, like pods
     null_busy_us: float = 0.0  # extproc="null" only: pure-Python microseconds burnt per request
     null_replay: Path | None = None  # extproc="null" only: recorded gateway replies to send (null_processor)
+    null_write: bool = False  # extproc="null" only: answer with context.write, as the gateway does
     # See EnvoySetup. None: 4 when workers > 1, so the kernel has connections to spread over them.
     extproc_streams_per_connection: int | None = None
     serve_args: tuple[str, ...] = ()  # extra `extproc serve` flags
@@ -187,9 +188,12 @@ class LocalStack:
     # The fake vLLMs' ports: consecutive from here in the policy's backend order (`extproc dev`, so
     # the README can name them); None: free ports.
     upstream_base_port: int | None = None
-    # Run `extproc serve` from this source tree instead (the benchmark's baseline row): it may predate
-    # the flags the local stack passes now, so only the ones every version has are given.
+    # Run `extproc serve` from this source tree instead (the benchmark's compiled form, or its
+    # baseline row). A legacy tree may predate the flags the local stack passes now, so it is given
+    # only the ones every version has.
     extproc_source: Path | None = None
+    extproc_legacy: bool = False
+    extproc_env: dict[str, str] = field(default_factory=dict)  # extra environment of the ext_proc processes
     work_dir: Path | None = None
     keep_logs: bool = False  # a temporary work_dir is removed on stop unless asked to keep it
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -218,12 +222,14 @@ class LocalStack:
     def _python(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "extproc", *args]
 
-    def _add(self, name: str, argv: list[str], source: Path | None = None) -> ManagedProcess:
+    def _add(
+        self, name: str, argv: list[str], source: Path | None = None, extra_env: dict[str, str] | None = None
+    ) -> ManagedProcess:
         assert self.work_dir is not None
-        env, cwd = None, None
+        env, cwd = ({**os.environ, **extra_env} if extra_env else None), None
         if source is not None:
             # `python -m extproc` imports from the working directory first, ahead of the installed package.
-            env, cwd = {**os.environ, "PYTHONPATH": str(source)}, source
+            env, cwd = {**(env or os.environ), "PYTHONPATH": str(source)}, source
         process = ManagedProcess(name, argv, self.work_dir / f"{name}.log", env=env, cwd=cwd)
         process.start()
         self.processes.append(process)
@@ -264,6 +270,8 @@ class LocalStack:
                     argv += ["--busy-us", str(self.null_busy_us)]
                 if self.null_replay is not None:
                     argv += ["--replay", str(self.null_replay)]
+                if self.null_write:
+                    argv.append("--write")
             else:
                 argv = self._python(
                     "serve",
@@ -278,12 +286,12 @@ class LocalStack:
                 )
                 if self.redis_url:
                     argv += ["--redis-url", self.redis_url]
-                if self.extproc_source is None:
+                if not self.extproc_legacy:
                     argv += [*load_urls, *self.serve_args]
                     if self.metrics_port and replica == 0:
                         argv += ["--metrics-port", str(self.metrics_port)]
             name = "extproc" if replica == 0 else f"extproc-{replica + 1}"
-            waits.append((self._add(name, argv, self.extproc_source), port))
+            waits.append((self._add(name, argv, self.extproc_source, self.extproc_env), port))
         config = self.work_dir / "envoy.yaml"
         config.write_text(
             render(
