@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -133,16 +134,83 @@ def test_writes_are_cut_at_line_ends_into_pipe_sized_pieces() -> None:
 
 
 def test_a_stuck_reader_never_blocks_the_writer_of_lines(tmp_path: Path) -> None:
-    """A pipe nobody reads: write() returns at once; lines beyond the queue bound are dropped and counted."""
+    """A pipe nobody reads: write() returns at once; lines beyond the pending bound are dropped and counted."""
     from extproc.recorder import RequestRecord
 
     read_end, write_end = os.pipe()
-    access_log = AccessLog(write_end, max_buffer_bytes=1)  # every line its own batch
+    access_log = AccessLog(write_end, max_buffer_bytes=1, max_pending_bytes=256 * 1024)  # a batch per line
     record = RequestRecord(0.0, 0.0, notes=["z" * 2000])
     started = time.monotonic()
     for _ in range(2000):
         access_log.write(record)
     assert time.monotonic() - started < 5
     assert access_log.dropped_lines > 0
-    os.close(read_end)  # the writer thread's next write fails with EPIPE and ends quietly
+    # The shared description stays blocking: the log wrote through a description of its own.
+    assert not fcntl.fcntl(write_end, fcntl.F_GETFL) & os.O_NONBLOCK
+    os.close(read_end)  # the next write fails with EPIPE: those lines are lost, quietly
     access_log.close(timeout_s=1)
+    os.close(write_end)
+
+
+def test_close_gives_a_stuck_reader_a_bounded_time() -> None:
+    from extproc.recorder import RequestRecord
+
+    read_end, write_end = os.pipe()
+    access_log = AccessLog(write_end, max_buffer_bytes=1)
+    for _ in range(100):
+        access_log.write(RequestRecord(0.0, 0.0, notes=["z" * 2000]))
+    started = time.monotonic()
+    access_log.close(timeout_s=0.3)
+    assert 0.25 < time.monotonic() - started < 2
+    assert access_log.dropped_lines > 0
+    access_log.write(RequestRecord(0.0, 0.0))  # after the drain: counted, never raised
+    os.close(read_end)
+    os.close(write_end)
+
+
+def _lines_through(read_end: int, write_end: int, count: int) -> list[dict[str, Any]]:
+    """`count` records logged from a running loop while a slow reader drains the other end."""
+    import asyncio
+    import threading
+
+    from extproc.recorder import RequestRecord
+
+    received = bytearray()
+
+    def read_slowly() -> None:
+        while chunk := os.read(read_end, 4096):
+            received.extend(chunk)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+
+    async def log_lines() -> None:
+        access_log = AccessLog(write_end, flush_interval_s=0.01, max_buffer_bytes=64 * 1024)
+        for n in range(count):
+            access_log.write(RequestRecord(0.0, 0.0, request_id=f"r{n}", notes=["y" * (n % 700)]))
+            if n % 50 == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        access_log.close()
+        assert access_log.dropped_lines == 0
+
+    asyncio.run(log_lines())
+    os.close(write_end)
+    reader.join(10)
+    os.close(read_end)
+    return [orjson.loads(line) for line in bytes(received).splitlines()]
+
+
+def test_a_full_pipe_holds_lines_until_it_drains_whole_and_in_order() -> None:
+    read_end, write_end = os.pipe()
+    lines = _lines_through(read_end, write_end, 3000)
+    assert [line["request_id"] for line in lines] == [f"r{n}" for n in range(3000)]
+
+
+def test_a_socket_output_is_written_by_a_thread() -> None:
+    import socket
+
+    ours, theirs = socket.socketpair()
+    lines = _lines_through(theirs.detach(), ours.detach(), 500)
+    assert [line["request_id"] for line in lines] == [f"r{n}" for n in range(500)]
