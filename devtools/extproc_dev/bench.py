@@ -154,6 +154,7 @@ class Config:
     serve_args: tuple[str, ...] = ()  # gateway only: extra `extproc serve` flags
     legacy: bool = False  # `source` is older code: pass it only the flags every version knows
     env: tuple[tuple[str, str], ...] = ()  # extra environment of the ext_proc (experiments)
+    metrics: bool = True  # gateway only: Prometheus metrics on (`--metrics-port`), as the mesh runs it
 
     @property
     def has_extproc(self) -> bool:
@@ -168,6 +169,8 @@ GATEWAY_INFO = Config("C-info", "gateway, 1 worker, info logs", "gateway", log_l
 GATEWAY_NO_ACCESS_LOG = Config(
     "C-nolog", "gateway, 1 worker, access log off", "gateway", serve_args=("--access-log", "off")
 )
+# Metrics are on in every other gateway row (the mesh's deployment turns them on); this row shows their cost.
+GATEWAY_NO_METRICS = Config("C-nomx", "gateway, 1 worker, metrics off", "gateway", metrics=False)
 GATEWAY_2W = Config("C-2w", "gateway, 2 workers", "gateway", workers=2)
 GATEWAY_2R = Config("C-2r", "gateway, 2 replicas (own ports, Envoy round robin)", "gateway", replicas=2)
 GATEWAY_REDIS = Config("C-redis", "gateway, 1 worker, quotas in Redis", "gateway", redis=True)
@@ -384,6 +387,7 @@ def _started_stack(
         extproc_source=config.source,
         extproc_legacy=config.legacy,
         extproc_env=dict(config.env),
+        metrics_port=free_port() if config.extproc == "gateway" and config.metrics else None,
         serve_args=config.serve_args,
     )
     with running(stack):
@@ -1787,7 +1791,14 @@ def run(
     replies = work_dir / "gateway-replies.json"
     dump_replies(record_gateway_replies(policy, chat_body(settings.max_tokens)), replies)
     replay = dataclasses.replace(NULL_REPLAY, null_replay=replies)
-    gateways: tuple[Config, ...] = (GATEWAY, GATEWAY_INFO, GATEWAY_NO_ACCESS_LOG, GATEWAY_2W, GATEWAY_2R)
+    gateways: tuple[Config, ...] = (
+        GATEWAY,
+        GATEWAY_INFO,
+        GATEWAY_NO_ACCESS_LOG,
+        GATEWAY_NO_METRICS,
+        GATEWAY_2W,
+        GATEWAY_2R,
+    )
     if load_policy(policy).tenants:
         gateways += (GATEWAY_REDIS, GATEWAY_NO_TENANTS)
     if tree is not None:
@@ -2005,7 +2016,7 @@ def _mem_total_gib() -> float:
 
 def render(report: Report, command: str) -> str:
     s = report.settings
-    sat, rate, sse = report.saturation, report.rate, report.sse
+    sat = report.saturation
     lines: list[str] = ["# extproc benchmark", ""]
     lines += machine_description()
     lines += [
@@ -2063,6 +2074,7 @@ def render(report: Report, command: str) -> str:
         ("B-cal/B", "B-cal", "B", "null + the gateway's in-process time as spin, vs null"),
         ("C-info/C", "C-info", "C", "info vs warning logs"),
         ("C/C-nolog", "C", "C-nolog", "access log on, the default, vs off"),
+        ("C/C-nomx", "C", "C-nomx", "metrics on (as in the mesh) vs off"),
         ("C-2w/C", "C-2w", "C", "2 workers vs 1"),
         ("C-2r/C", "C-2r", "C", "2 replicas vs 1"),
         ("C/C-noq", "C", "C-noq", "with vs without auth + quotas"),
@@ -2085,67 +2097,8 @@ def render(report: Report, command: str) -> str:
     lines += _in_process_lines(report)
     lines += _calibration_lines(report)
 
-    how = (
-        f"a fixed {report.rate_rps:g} req/s"
-        if s.rate
-        else f"{report.rate_rps:g} req/s, {100 * s.rate_fraction:g}% of B's saturation"
-    )
-    lines += [
-        f"## 2. Added latency at {how}",
-        "",
-        f"Open-loop Python generator (aiohttp + uvloop, its own process): request i is scheduled at "
-        f"t0 + i/{report.rate_rps:g} s whether or not earlier ones finished, and its latency is counted from that "
-        f"scheduled time (no coordinated omission). {s.rate_warmup_s:g} s warm-up, {s.rate_duration_s:g} s measured. "
-        "The rate is a share of the null ext_proc's measured saturation (B's median round above) rather than a "
-        "fixed figure, so the added latency means the same on a slower machine.",
-        "",
-        "| config | sent | ok | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | generator lag p99 ms "
-        "| other load |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for key, r in rate.items():
-        lines.append(
-            f"| {key} {r.config.label} | {r.sent} | {r.ok} | {_f(r.achieved_rps, 1)} | {_f(r.p50, 3)} | "
-            f"{_f(percentile(r.latencies_ms, 90), 3)} | {_f(r.p99, 3)} | {_f(percentile(r.latencies_ms, 99.9), 3)} | "
-            f"{_f(r.lag_p99_ms, 3)} | {100 * r.foreign:.0f}% |"
-        )
-    if {"A", "B", "C"} <= rate.keys():
-        a, b, c = rate["A"], rate["B"], rate["C"]
-        lines += [
-            "",
-            f"Differences: B-A p50 **{_f(b.p50 - a.p50, 3)} ms**, p99 **{_f(b.p99 - a.p99, 3)} ms**; "
-            f"C-B p50 **{_f(c.p50 - b.p50, 3)} ms**, p99 **{_f(c.p99 - b.p99, 3)} ms**; "
-            f"C-A p50 {_f(c.p50 - a.p50, 3)} ms, p99 {_f(c.p99 - a.p99, 3)} ms.",
-        ]
-    lines.append("")
-
-    lines += [
-        "## 4. SSE per-chunk latency",
-        "",
-        f"Streams of `max_tokens={s.sse_tokens}` (plus role, usage and `[DONE]` events), fake upstream "
-        f"`--token-delay-ms {s.sse_delay_ms:g}`, {s.sse_streams} streams per config, one at a time, "
-        "interleaved A B C A B C. "
-        "*Transit* is the time each SSE event spends inside Envoy (+ ext_proc): kernel timestamps of the "
-        "upstream's write and of Envoy's write to the client, from a packet capture on `lo`. "
-        "*Offset error* is the client-side measure: (arrival of event i - arrival of event 0 at the aiohttp "
-        "client) - (upstream send of event i - upstream send of event 0). Event 0 is excluded (it carries "
-        "the headers). *Added* is the config's percentile minus A's.",
-        "",
-        "| config | events | TTFB p50 ms | transit p50 ms | transit p99 ms | added p50 ms | added p99 ms | "
-        "offset err p50 ms | offset err p99 ms | client gap p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    base = sse.get("A")
-    for key, ev in sse.items():
-        t50, t99 = percentile(ev.transit_ms, 50), percentile(ev.transit_ms, 99)
-        a50 = t50 - percentile(base.transit_ms, 50) if base else math.nan
-        a99 = t99 - percentile(base.transit_ms, 99) if base else math.nan
-        lines.append(
-            f"| {key} {ev.config.label} | {ev.events} | {_f(statistics.median(ev.ttfb_ms), 3)} | {_f(t50, 3)} | "
-            f"{_f(t99, 3)} | {_f(a50, 3)} | {_f(a99, 3)} | {_f(percentile(ev.offset_error_ms, 50), 3)} | "
-            f"{_f(percentile(ev.offset_error_ms, 99), 3)} | {_f(percentile(ev.gaps_ms, 99), 3)} |"
-        )
-    lines.append("")
+    lines += _rate_lines(report)
+    lines += _sse_lines(report)
 
     if report.memory is not None:
         m = report.memory
@@ -2215,6 +2168,84 @@ def render(report: Report, command: str) -> str:
     if report.notes:
         lines += ["## Notes", "", *[f"- {note}" for note in report.notes], ""]
     return "\n".join(lines)
+
+
+def _rate_lines(report: Report) -> list[str]:
+    s, rate = report.settings, report.rate
+    if not rate:
+        return []
+    lines: list[str] = []
+    how = (
+        f"a fixed {report.rate_rps:g} req/s"
+        if s.rate
+        else f"{report.rate_rps:g} req/s, {100 * s.rate_fraction:g}% of B's saturation"
+    )
+    lines += [
+        f"## 2. Added latency at {how}",
+        "",
+        f"Open-loop Python generator (aiohttp + uvloop, its own process): request i is scheduled at "
+        f"t0 + i/{report.rate_rps:g} s whether or not earlier ones finished, and its latency is counted from that "
+        f"scheduled time (no coordinated omission). {s.rate_warmup_s:g} s warm-up, {s.rate_duration_s:g} s measured. "
+        "The rate is a share of the null ext_proc's measured saturation (B's median round above) rather than a "
+        "fixed figure, so the added latency means the same on a slower machine.",
+        "",
+        "| config | sent | ok | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | generator lag p99 ms "
+        "| other load |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, r in rate.items():
+        lines.append(
+            f"| {key} {r.config.label} | {r.sent} | {r.ok} | {_f(r.achieved_rps, 1)} | {_f(r.p50, 3)} | "
+            f"{_f(percentile(r.latencies_ms, 90), 3)} | {_f(r.p99, 3)} | {_f(percentile(r.latencies_ms, 99.9), 3)} | "
+            f"{_f(r.lag_p99_ms, 3)} | {100 * r.foreign:.0f}% |"
+        )
+    if {"A", "B", "C"} <= rate.keys():
+        a, b, c = rate["A"], rate["B"], rate["C"]
+        lines += [
+            "",
+            f"Differences: B-A p50 **{_f(b.p50 - a.p50, 3)} ms**, p99 **{_f(b.p99 - a.p99, 3)} ms**; "
+            f"C-B p50 **{_f(c.p50 - b.p50, 3)} ms**, p99 **{_f(c.p99 - b.p99, 3)} ms**; "
+            f"C-A p50 {_f(c.p50 - a.p50, 3)} ms, p99 {_f(c.p99 - a.p99, 3)} ms.",
+        ]
+    lines.append("")
+
+    return lines
+
+
+def _sse_lines(report: Report) -> list[str]:
+    s, sse = report.settings, report.sse
+    if not sse:
+        return []
+    lines: list[str] = []
+    lines += [
+        "## 4. SSE per-chunk latency",
+        "",
+        f"Streams of `max_tokens={s.sse_tokens}` (plus role, usage and `[DONE]` events), fake upstream "
+        f"`--token-delay-ms {s.sse_delay_ms:g}`, {s.sse_streams} streams per config, one at a time, "
+        "interleaved A B C A B C. "
+        "*Transit* is the time each SSE event spends inside Envoy (+ ext_proc): kernel timestamps of the "
+        "upstream's write and of Envoy's write to the client, from a packet capture on `lo`. "
+        "*Offset error* is the client-side measure: (arrival of event i - arrival of event 0 at the aiohttp "
+        "client) - (upstream send of event i - upstream send of event 0). Event 0 is excluded (it carries "
+        "the headers). *Added* is the config's percentile minus A's.",
+        "",
+        "| config | events | TTFB p50 ms | transit p50 ms | transit p99 ms | added p50 ms | added p99 ms | "
+        "offset err p50 ms | offset err p99 ms | client gap p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    base = sse.get("A")
+    for key, ev in sse.items():
+        t50, t99 = percentile(ev.transit_ms, 50), percentile(ev.transit_ms, 99)
+        a50 = t50 - percentile(base.transit_ms, 50) if base else math.nan
+        a99 = t99 - percentile(base.transit_ms, 99) if base else math.nan
+        lines.append(
+            f"| {key} {ev.config.label} | {ev.events} | {_f(statistics.median(ev.ttfb_ms), 3)} | {_f(t50, 3)} | "
+            f"{_f(t99, 3)} | {_f(a50, 3)} | {_f(a99, 3)} | {_f(percentile(ev.offset_error_ms, 50), 3)} | "
+            f"{_f(percentile(ev.offset_error_ms, 99), 3)} | {_f(percentile(ev.gaps_ms, 99), 3)} |"
+        )
+    lines.append("")
+
+    return lines
 
 
 def _routing_lines(report: Report) -> list[str]:

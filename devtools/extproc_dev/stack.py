@@ -288,8 +288,9 @@ class LocalStack:
                     argv += ["--redis-url", self.redis_url]
                 if not self.extproc_legacy:
                     argv += [*load_urls, *self.serve_args]
-                    if self.metrics_port and replica == 0:
-                        argv += ["--metrics-port", str(self.metrics_port)]
+                if self.metrics_port:
+                    # Every replica records its metrics, as in the mesh; `metrics_url` is the first's.
+                    argv += ["--metrics-port", str(self.metrics_port if replica == 0 else free_port())]
             name = "extproc" if replica == 0 else f"extproc-{replica + 1}"
             waits.append((self._add(name, argv, self.extproc_source, self.extproc_env), port))
         config = self.work_dir / "envoy.yaml"
