@@ -9,19 +9,20 @@ file description of its own (a pipe, the usual stdout of a container, is reopene
 /proc/self/fd, so the flag never touches the description the process shares with others), and
 what a full pipe refuses waits for the pipe to drain. Writes are cut at line boundaries into
 pieces of at most PIPE_BUF bytes, which the kernel keeps whole on a pipe, so the workers of a
-replica sharing one stdout never interleave inside a line. Beyond `max_pending_bytes` waiting
+replica sharing one stdout never interleave inside a line (a line longer than PIPE_BUF, possible
+only with the debug switch's prompts, may). Beyond `max_pending_bytes` waiting
 (a reader that stopped reading) batches are dropped and counted. Writing from the loop costs a
 few system calls per batch; a writer thread cost more, in the hand-offs of the GIL each of its
 writes forced on the loop (bench, 3 rounds: C/C-nolog went from 0.91x to 0.97x). Outputs that cannot be
 written so (a socket) keep a writer thread. A worker killed with SIGKILL loses at most the last
-fraction of a second of lines; SIGTERM flushes them (bounded by `close`'s timeout).
+fraction of a second of lines; SIGTERM flushes them (`close` waits for the output at most its timeout,
+at shutdown, on the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import queue
@@ -153,17 +154,19 @@ def nonblocking_twin(fd: int) -> int | None:
     """A descriptor for the same output with an open file description of its own, non-blocking,
     for the loop to write; None where that cannot be had without changing a shared description.
 
-    A pipe (a container's stdout) is reopened through /proc/self/fd. A regular file or a character
-    device (a terminal, /dev/null) is written as it is: writing it does not wait on a reader.
+    A pipe (a container's stdout) or a terminal (`docker run -t`, whose reader can stop) is reopened
+    through /proc/self/fd. A regular file or another character device (/dev/null) is written as it
+    is: writing it waits on no reader. (A file on a disk that stalls the page cache can still hold
+    the loop; a log file on such a disk belongs behind a pipe.)
     """
     mode = os.fstat(fd).st_mode
-    if stat.S_ISREG(mode) or stat.S_ISCHR(mode):
-        return os.dup(fd)
-    if stat.S_ISFIFO(mode):
+    if stat.S_ISFIFO(mode) or (stat.S_ISCHR(mode) and os.isatty(fd)):
         try:
-            return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
             return None
+    if stat.S_ISREG(mode) or stat.S_ISCHR(mode):
+        return os.dup(fd)
     return None
 
 
@@ -176,8 +179,10 @@ class AccessLog:
         flush_interval_s: float = 0.2,
         max_buffer_bytes: int = 256 * 1024,
         max_pending_bytes: int = _MAX_PENDING_BYTES,
+        owns_fd: bool = False,
     ) -> None:
         self.fd = fd
+        self._owns_fd = owns_fd  # opened for this log (a file path): closed with it
         self.include_prompts = include_prompts
         self.flush_interval_s = flush_interval_s
         self.max_buffer_bytes = max_buffer_bytes
@@ -211,7 +216,7 @@ class AccessLog:
         if target == "stderr":
             return cls(2, include_prompts=include_prompts)
         fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        return cls(fd, include_prompts=include_prompts)
+        return cls(fd, include_prompts=include_prompts, owns_fd=True)
 
     def write(self, record: RequestRecord) -> None:
         fields = line_fields(record)
@@ -258,15 +263,17 @@ class AccessLog:
             return
         self._pending.extend(line_chunks(data))
         self._pending_bytes += len(data)
+        if self._waiting_on is not None and self._waiting_on.is_closed():
+            self._waiting_on = None  # the loop that watched for room is gone: write from this one
         if self._waiting_on is None:
             self._write_pending()
 
-    def _dropped(self, count: int) -> None:
+    def _dropped(self, count: int, why: str = "output is too slow") -> None:
         self.dropped_lines += count
         now = time.monotonic()
         if now - self._last_warning >= _WARN_EVERY_S:
             self._last_warning = now
-            log.warning("access log output is too slow: %d lines dropped so far", self.dropped_lines)
+            log.warning("access log %s: %d lines dropped so far", why, self.dropped_lines)
 
     def _write_pending(self) -> None:
         """Write pending pieces until done or the output is full; then wait for room on the loop."""
@@ -291,10 +298,11 @@ class AccessLog:
         self._unwatch()
 
     def _lose_pending(self, exc: OSError) -> None:
-        if exc.errno != errno.EPIPE:
-            log.warning("writing the access log failed: %s", exc)
+        """The output failed (its reader left, a full disk): what waited is lost, and counted."""
+        lost = sum(piece.count(b"\n") for piece in self._pending)
         self._pending.clear()
         self._pending_bytes = 0
+        self._dropped(lost, f"output failed ({exc.strerror or exc})")
 
     def _watch(self) -> None:
         if self._waiting_on is not None:
@@ -324,6 +332,8 @@ class AccessLog:
             with contextlib.suppress(queue.Full):
                 self._batches.put(None, timeout=timeout_s)
             self._writer.join(timeout_s)
+            if self._owns_fd and not self._writer.is_alive():
+                os.close(self.fd)
             return
         self._unwatch()
         deadline = time.monotonic() + timeout_s
@@ -339,6 +349,8 @@ class AccessLog:
         os.close(self._out)
         self._pending.clear()
         self._pending_bytes = 0
+        if self._owns_fd:
+            os.close(self.fd)
 
     def _write_batches(self) -> None:
         assert self._batches is not None

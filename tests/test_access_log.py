@@ -208,9 +208,53 @@ def test_a_full_pipe_holds_lines_until_it_drains_whole_and_in_order() -> None:
     assert [line["request_id"] for line in lines] == [f"r{n}" for n in range(3000)]
 
 
+def test_a_terminal_whose_reader_stopped_never_blocks_the_loop() -> None:
+    """`docker run -t`: stdout is a terminal, and a terminal's reader can stop (Ctrl-S, a paused pager)."""
+    from extproc.recorder import RequestRecord
+
+    controller, terminal = os.openpty()
+    access_log = AccessLog(terminal, max_buffer_bytes=1, max_pending_bytes=64 * 1024)
+    started = time.monotonic()
+    for _ in range(500):  # nobody reads the controller side: the terminal's buffer fills
+        access_log.write(RequestRecord(0.0, 0.0, notes=["t" * 1000]))
+    assert time.monotonic() - started < 5
+    assert access_log.dropped_lines > 0
+    assert not fcntl.fcntl(terminal, fcntl.F_GETFL) & os.O_NONBLOCK
+    access_log.close(timeout_s=0.2)
+    os.close(terminal)
+    os.close(controller)
+
+
+def test_dev_null_takes_every_line(tmp_path: Path) -> None:
+    from extproc.recorder import RequestRecord
+
+    fd = os.open(os.devnull, os.O_WRONLY)
+    access_log = AccessLog(fd, max_buffer_bytes=1)
+    for _ in range(1000):
+        access_log.write(RequestRecord(0.0, 0.0))
+    access_log.close()
+    assert access_log.dropped_lines == 0
+    os.close(fd)
+
+
+def test_a_log_file_opened_by_path_is_closed_with_the_log(tmp_path: Path) -> None:
+    from extproc.recorder import RequestRecord
+
+    before = len(os.listdir("/proc/self/fd"))
+    access_log = AccessLog.open(str(tmp_path / "access.jsonl"))
+    assert access_log is not None
+    access_log.write(RequestRecord(0.0, 0.0, request_id="one"))
+    access_log.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert orjson.loads((tmp_path / "access.jsonl").read_bytes())["request_id"] == "one"
+
+
 def test_a_socket_output_is_written_by_a_thread() -> None:
     import socket
 
     ours, theirs = socket.socketpair()
+    probe = AccessLog(ours.fileno())
+    assert probe._writer is not None  # which path it took: the thread
+    probe.close()
     lines = _lines_through(theirs.detach(), ours.detach(), 500)
     assert [line["request_id"] for line in lines] == [f"r{n}" for n in range(500)]
