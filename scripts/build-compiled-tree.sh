@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # A runnable copy of this checkout in the compiled form (mypyc), as the wheel and the image ship it:
-# builds the wheel with EXTPROC_COMPILE=1 and puts its extension modules beside a copy of the
-# sources (extension modules take precedence over .py files of the same name). Run it with
-# PYTHONPATH=<tree>. Usage: scripts/build-compiled-tree.sh TREE. Needs the venv from
-# scripts/setup.sh and a C compiler.
+# copies the sources to TREE, builds the wheel there with EXTPROC_COMPILE=1 (in the copy, so two
+# builds never share a build directory), and puts its extension modules beside the sources
+# (extension modules take precedence over .py files of the same name). Run it with PYTHONPATH=TREE.
+# Usage: scripts/build-compiled-tree.sh TREE (emptied first; outside the checkout, or under its
+# .venv). Needs the venv from scripts/setup.sh and a C compiler.
 set -euo pipefail
+target=${1:?usage: scripts/build-compiled-tree.sh TREE}
+tree=$(realpath -m "$target")
 cd "$(dirname "$0")/.."
-root=$PWD
-tree=${1:?usage: scripts/build-compiled-tree.sh TREE}
-rm -rf "$tree" && mkdir -p "$tree/wheel"
-tree=$(cd "$tree" && pwd)
-tar --exclude=./.venv --exclude=./.git -cf - . | tar -xf - -C "$tree"
-EXTPROC_COMPILE=1 .venv/bin/pip wheel --quiet --no-deps --wheel-dir "$tree/wheel" . 2>&1 | grep -v "warning:" || true
+root=$(pwd -P)
+case $tree/ in
+  "$root"/.venv/*) ;;
+  "$root"/*) echo "build-compiled-tree: $tree is inside the checkout (use a path under .venv or elsewhere)" >&2; exit 2 ;;
+esac
+mkdir -p "$tree" && find "$tree" -mindepth 1 -delete
+tar --exclude=./.venv --exclude=./.git --exclude=./build -cf - . | tar -xf - -C "$tree"
+mkdir -p "$tree/wheel"
+status=0
+EXTPROC_COMPILE=1 "$root/.venv/bin/pip" wheel --quiet --no-deps --wheel-dir "$tree/wheel" "$tree" \
+  > "$tree/wheel/build.log" 2>&1 || status=$?
+if [[ $status -ne 0 ]]; then
+  grep -v "warning:" "$tree/wheel/build.log" >&2 || true
+  echo "build-compiled-tree: building the compiled wheel failed ($status)" >&2
+  exit "$status"
+fi
 wheel=$(ls "$tree"/wheel/extproc-*.whl)
 (cd "$tree" && "$root/.venv/bin/python" -m zipfile -e "$wheel" wheel/unpacked)
 (cd "$tree/wheel/unpacked" && find . -name '*.so' -exec cp --parents {} "$tree" \;)

@@ -64,6 +64,9 @@ API_KEY = "sk-bench"  # added to one tenant of the bench policy; direct and null
 HEADERS = {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}
 UNREACHABLE = 10**12  # every quota limit of the bench policy: the work is done, nothing is refused
 ENVOY_CONCURRENCY = 2
+DEVTOOLS_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = DEVTOOLS_DIR.parent  # the checkout the bench runs from (C-py's source)
+BUILD_COMPILED_TREE = PROJECT_DIR / "scripts" / "build-compiled-tree.sh"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Targets from the issue; each is printed with PASS/FAIL.
@@ -177,7 +180,7 @@ GATEWAY_REDIS = Config("C-redis", "gateway, 1 worker, quotas in Redis", "gateway
 GATEWAY_NO_TENANTS = Config("C-noq", "gateway, no tenants (no auth, no quotas)", "gateway", tenants=False)
 # The gateway rows run the form the wheel and image ship (mypyc) where a compiler exists; this row
 # is C in the pure-Python form, so the two forms compare in the same rounds.
-GATEWAY_PURE = Config("C-py", "gateway, 1 worker, pure Python", "gateway")
+GATEWAY_PURE = Config("C-py", "gateway, 1 worker, pure Python", "gateway", source=PROJECT_DIR)
 # LiteLLM's proxy (`--litellm VENV`), one worker, routing the same model to the same fake upstream.
 LITELLM = Config("L", "LiteLLM proxy, 1 worker (no ext_proc)", "none")
 # The null ext_proc spinning, per request, as long as the gateway's own Python takes in isolation.
@@ -568,7 +571,10 @@ def saturation_round(
         deltas = {pid: ext_after[pid] - ext_before.get(pid, 0.0) for pid in ext_after}
         extproc_cpu = sum(deltas.values())
         if config.workers > 1:
-            workers = {pid: used for pid, used in deltas.items() if pid not in ext_roots}
+            # The supervisor's children: the workers, and (metrics on) the process serving /metrics,
+            # which does next to nothing: the busiest `workers` children are the workers.
+            children = sorted(((used, pid) for pid, used in deltas.items() if pid not in ext_roots), reverse=True)
+            workers = {pid: used for used, pid in children[: config.workers]}
         elif len(ext_roots) > 1:
             workers = {pid: used for pid, used in deltas.items() if pid in ext_roots}
     return Round(
@@ -1215,11 +1221,96 @@ def measure_in_process(
             timed.append((time.process_time() - start) / batch * 1e6)
         if quotas is not None:
             await quotas.drain()
+        if access_log is not None:
+            access_log.close()
         return timed
 
     with tempfile.TemporaryDirectory(prefix="extproc-bench-metrics-") as metrics_dir:
         timed = asyncio.run(measure(metrics_dir))
     return InProcess(statistics.median(timed), timed)
+
+
+EVICT_MIB = 8  # more than this machine kind's L2 per core (2 MiB): what Envoy, wrk and the upstream do between messages
+
+
+def measure_cold(
+    settings: Settings, policy_path: Path, requests: int = 300, batches: int = 5, evict_mib: int = EVICT_MIB
+) -> tuple[InProcess, InProcess]:
+    """Section 0 with cold caches: before each of the four messages every cache line of an
+    `evict_mib` buffer is written, as the other processes sharing the cores do between our messages
+    under load. Only our own work is timed (wall clock around each message and the settlement; the
+    eviction is not). Returns (the gateway recorded, as `extproc serve`; the null's work: parse and
+    pick a prebuilt reply) in µs per request."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc import metrics
+    from extproc.access_log import AccessLog
+    from extproc.core import Gateway
+    from extproc.processor import RequestStream
+    from extproc.quota.memory import MemoryStore
+    from extproc.quota.service import QuotaService
+    from extproc.wire import to_wire
+
+    policy = load_policy(policy_path)
+    messages = _exchange_messages(chat_body(settings.max_tokens))
+    buffer = bytearray(evict_mib << 20)
+    ones = b"\x01" * (len(buffer) // 64)
+
+    def evict() -> None:
+        buffer[::64] = ones  # one write per 64-byte cache line
+
+    null_replies = {kind: kind.encode() for kind in ("request_headers", "request_body", "response_headers")}
+    null_replies["response_body"] = b""
+
+    async def measure(metrics_dir: str) -> tuple[list[float], list[float]]:
+        gateway = Gateway.from_policy(policy)
+        quotas = QuotaService(MemoryStore()) if policy.tenants else None
+        recorder = metrics.GatewayMetrics(metrics.MetricFiles(Path(metrics_dir), "w0"))
+        access_log = AccessLog(os.open(os.devnull, os.O_WRONLY))
+
+        async def gateway_request() -> float:
+            spent = 0.0
+            stream = RequestStream(gateway, quotas, None, None, recorder, access_log)
+            for raw in messages:
+                evict()
+                began = time.perf_counter()
+                to_wire(await stream.handle(pb.ProcessingRequest.FromString(raw)))
+                spent += time.perf_counter() - began
+            evict()
+            began = time.perf_counter()
+            settlement = stream.finish()
+            if settlement is not None and quotas is not None:
+                quotas.settle(*settlement)
+            return spent + time.perf_counter() - began
+
+        async def null_request() -> float:
+            spent = 0.0
+            for raw in messages:
+                evict()
+                began = time.perf_counter()
+                null_replies[str(pb.ProcessingRequest.FromString(raw).WhichOneof("request"))]
+                spent += time.perf_counter() - began
+            return spent
+
+        for _ in range(50):  # warm: the allocator, the quota planner, the count cache
+            await gateway_request()
+        timed: tuple[list[float], list[float]] = ([], [])
+        for _ in range(batches):
+            for index, request in enumerate((gateway_request, null_request)):
+                total = 0.0
+                for i in range(requests):
+                    total += await request()
+                    if i % 16 == 0:
+                        await asyncio.sleep(0)
+                timed[index].append(total / requests * 1e6)
+        if quotas is not None:
+            await quotas.drain()
+        access_log.close()
+        return timed
+
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-metrics-") as metrics_dir:
+        gateway_us, null_us = asyncio.run(measure(metrics_dir))
+    return InProcess(statistics.median(gateway_us), gateway_us), InProcess(statistics.median(null_us), null_us)
 
 
 # --- 6b. routing rules --------------------------------------------------------------------
@@ -1592,6 +1683,7 @@ class Report:
     plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, file name beside the report)
     routing: RoutingCost | None = None
     profile: list[tuple[str, float, float]] = field(default_factory=list)
+    profiled: str = "C"  # the row py-spy watched
     seconds: float = 0.0
     policy_source: str = "the example policy"
     policy_note: str = ""
@@ -1599,10 +1691,6 @@ class Report:
 
 
 # --- the forms and fronts measured -----------------------------------------------------------
-
-DEVTOOLS_DIR = Path(__file__).resolve().parents[1]
-PROJECT_DIR = DEVTOOLS_DIR.parent
-BUILD_COMPILED_TREE = PROJECT_DIR / "scripts" / "build-compiled-tree.sh"
 
 
 def compiled_tree(work_dir: Path) -> Path:
@@ -1632,6 +1720,8 @@ class InProcessRun:
     form: str  # mypyc or python, as the tree reported
     bare: InProcess
     recorded: InProcess  # with the Prometheus recorder and the access log, as `extproc serve`
+    cold: InProcess | None = None  # recorded, caches evicted before each message (`measure_cold`)
+    cold_null: InProcess | None = None  # the null's own work, the same way
 
 
 def in_process_of(label: str, tree: Path | None, policy: Path, batches: int) -> InProcessRun:
@@ -1640,7 +1730,7 @@ def in_process_of(label: str, tree: Path | None, policy: Path, batches: int) -> 
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), str(DEVTOOLS_DIR)])
-    argv = [sys.executable, "-m", "extproc_dev.in_process", "--json", "--policy", str(policy)]
+    argv = [sys.executable, "-m", "extproc_dev.in_process", "--json", "--cold", "--policy", str(policy)]
     done = subprocess.run(
         [*argv, "--batches", str(batches)],
         capture_output=True,
@@ -1653,8 +1743,12 @@ def in_process_of(label: str, tree: Path | None, policy: Path, batches: int) -> 
     if done.returncode != 0:
         raise RuntimeError(f"in-process run of {label} failed:\n{done.stderr[-2000:]}")
     data = orjson.loads(done.stdout.strip().splitlines()[-1])
-    runs = {name: InProcess(statistics.median(data[name]), data[name]) for name in ("bare", "recorded")}
-    return InProcessRun(label, data["form"], runs["bare"], runs["recorded"])
+    runs = {
+        name: InProcess(statistics.median(data[name]), data[name])
+        for name in ("bare", "recorded", "cold", "cold_null")
+        if name in data
+    }
+    return InProcessRun(label, data["form"], runs["bare"], runs["recorded"], runs.get("cold"), runs.get("cold_null"))
 
 
 LITELLM_MASTER_KEY = API_KEY  # LiteLLM refuses to start without one; the benchmark's key is it
@@ -1696,7 +1790,12 @@ def litellm_front(venv: Path, stack: LocalStack) -> Iterator[Front]:
         )
     )
     port = free_port()
-    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}
+    env = {
+        **os.environ,
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no download at start
+        "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+    }
     log_file = (stack.work_dir / "litellm.log").open("wb")
     argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
     process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -1774,7 +1873,10 @@ def run(
     batches = 7 if settings.rounds > 1 else 3
     if baseline is not None:
         assert baseline.source is not None and baseline.policy is not None
-        report.in_process_runs["before"] = in_process_of("baseline code", baseline.source, baseline.policy, batches)
+        try:
+            report.in_process_runs["before"] = in_process_of("baseline code", baseline.source, baseline.policy, batches)
+        except RuntimeError as exc:  # an older tree this checkout's devtools cannot drive
+            report.notes.append(f"section 0 of the baseline code could not be measured: {exc}")
     report.in_process_runs["python"] = in_process_of("this code, pure Python", None, policy, batches)
     if tree is not None:
         report.in_process_runs["mypyc"] = in_process_of("this code, mypyc", tree, policy, batches)
@@ -1838,24 +1940,32 @@ def run(
                         break
                     log(f"{config.key}: {100 * result.foreign:.0f}% of the machine went to other work: retrying")
                     sat.discarded.append(result.foreign)
-        report.rate_rps = settings.rate or round(settings.rate_fraction * report.saturation["B"].rps)
-        rate_configs = [c for c in configs if c.key in ("A", "B", "C", "C-py")] if not saturation_only else []
-        for config in rate_configs:
-            for attempt in range(1 + MAX_RETRIES):
-                log(f"{config.key}: fixed {report.rate_rps:g} req/s" + (f", retry {attempt}" if attempt else ""))
-                rated = measure_fixed_rate(up[config.key], config, settings, report.rate_rps)
-                if rated.foreign <= FOREIGN_LIMIT or attempt == MAX_RETRIES:
-                    break
-                report.rate_discarded.append(f"{config.key} ({100 * rated.foreign:.0f}%)")
-            report.rate[config.key] = rated
-        if profile and "C" in up:
-            log("C: profiling with py-spy")
+        # py-spy sees no Python frames inside mypyc's compiled functions: profile the pure-Python row.
+        profiled = "C-py" if "C-py" in up else "C"
+        if profile and profiled in up:
+            log(f"{profiled}: profiling with py-spy")
+            report.profiled = profiled
             try:
-                report.profile = profile_gateway(up["C"], settings, work_dir)
+                report.profile = profile_gateway(up[profiled], settings, work_dir)
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 report.notes.append(f"profile skipped: {exc}")
 
+    report.rate_rps = settings.rate or round(settings.rate_fraction * report.saturation["B"].rps)
     if not saturation_only:
+        # Only the rows measured are up: the other stacks' idle work (each gateway scrapes its
+        # backends' /metrics twice a second) would add to an unloaded machine's latencies.
+        rate_configs = [c for c in configs if c.key in ("A", "B", "C", "C-py")]
+        with contextlib.ExitStack() as stacks:
+            up = {c.key: stacks.enter_context(started(c, settings, policy)) for c in rate_configs}
+            for config in rate_configs:
+                for attempt in range(1 + MAX_RETRIES):
+                    retry = f", retry {attempt}" if attempt else ""
+                    log(f"{config.key}: fixed {report.rate_rps:g} req/s{retry}")
+                    rated = measure_fixed_rate(up[config.key], config, settings, report.rate_rps)
+                    if rated.foreign <= FOREIGN_LIMIT or attempt == MAX_RETRIES:
+                        break
+                    report.rate_discarded.append(f"{config.key} ({100 * rated.foreign:.0f}%)")
+                report.rate[config.key] = rated
         measure_streams(report, settings, policy, gateway)
     discarded = sum(len(sat.discarded) for sat in report.saturation.values())
     if discarded or report.rate_discarded:
@@ -2070,6 +2180,7 @@ def render(report: Report, command: str) -> str:
         ("C/B", "C", "B", "gateway vs null"),
         ("C-py/B", "C-py", "B", "gateway in pure Python vs null"),
         ("C/C-py", "C", "C-py", "mypyc vs pure Python"),
+        ("B-write/B", "B-write", "B", "null answering with context.write, as the gateway, vs yielding"),
         ("B-replay/B", "B-replay", "B", "null sending the gateway's replies, vs null"),
         ("B-cal/B", "B-cal", "B", "null + the gateway's in-process time as spin, vs null"),
         ("C-info/C", "C-info", "C", "info vs warning logs"),
@@ -2152,9 +2263,10 @@ def render(report: Report, command: str) -> str:
 
     if report.profile:
         lines += [
-            "## Where gateway time goes (py-spy, C under wrk saturation)",
+            f"## Where gateway time goes (py-spy, {report.profiled} under wrk saturation)",
             "",
-            "`py-spy record --nonblocking --rate 250` on the C ext_proc during an extra wrk run. Python "
+            f"`py-spy record --nonblocking --rate 250` on the {report.profiled} ext_proc during an extra wrk run. "
+            "Python "
             "functions are ranked by inclusive share of all samples; native work (uvloop, the grpc Cython "
             "layer, syscalls, gRPC core threads) shows only as the buckets at the top.",
             "",
@@ -2185,9 +2297,13 @@ def _rate_lines(report: Report) -> list[str]:
         "",
         f"Open-loop Python generator (aiohttp + uvloop, its own process): request i is scheduled at "
         f"t0 + i/{report.rate_rps:g} s whether or not earlier ones finished, and its latency is counted from that "
-        f"scheduled time (no coordinated omission). {s.rate_warmup_s:g} s warm-up, {s.rate_duration_s:g} s measured. "
-        "The rate is a share of the null ext_proc's measured saturation (B's median round above) rather than a "
-        "fixed figure, so the added latency means the same on a slower machine.",
+        f"scheduled time (no coordinated omission). {s.rate_warmup_s:g} s warm-up, {s.rate_duration_s:g} s measured."
+        + (
+            ""
+            if s.rate
+            else " The rate is a share of the null ext_proc's measured saturation (B's median round above) rather "
+            "than a fixed figure, so the added latency means the same on a slower machine."
+        ),
         "",
         "| config | sent | ok | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | generator lag p99 ms "
         "| other load |",
@@ -2300,19 +2416,32 @@ def _in_process_lines(report: Report) -> list[str]:
         "(memory store), the body rewrite, reading usage, settlement and building the replies. *Bare* records "
         "nothing; *recorded* adds the Prometheus recorder and the JSON access log, as `extproc serve` runs them. "
         "CPU per request, median of the batches of 2,000 (range in brackets); each tree in its own process "
-        "(`python -m extproc_dev.in_process`).",
+        f"(`python -m extproc_dev.in_process --cold`). *Cold* is recorded with every cache line of a "
+        f"{EVICT_MIB} MiB buffer written before each message (more than a core's L2 here), as Envoy, wrk and "
+        "the upstream do between our messages under load; only our own work is timed (median of 5 batches "
+        "of 300).",
         "",
-        "| code | form | bare µs/req [range] | recorded µs/req [range] | recorded vs before |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| code | form | bare µs/req [range] | recorded µs/req [range] | cold µs/req [range] | recorded vs before |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     before = runs.get("before")
+
+    def cell(r: InProcess | None) -> str:
+        return f"{_f(r.microseconds, 1)} [{_f(min(r.batches), 1)}-{_f(max(r.batches), 1)}]" if r else "n/a"
+
     for run_ in runs.values():
         versus = _f(run_.recorded.microseconds / before.recorded.microseconds) + "x" if before else "n/a"
-        cells = [
-            f"{_f(r.microseconds, 1)} [{_f(min(r.batches), 1)}-{_f(max(r.batches), 1)}]"
-            for r in (run_.bare, run_.recorded)
+        lines.append(
+            f"| {run_.label} | {run_.form} | {cell(run_.bare)} | {cell(run_.recorded)} | {cell(run_.cold)} | {versus} |"
+        )
+    nulls = [(r.form, r.cold_null) for r in runs.values() if r.cold_null is not None and r.label != "baseline code"]
+    if nulls:
+        lines += [
+            "",
+            "The null's own work measured the same way (parse each message, pick a prebuilt reply), cold: "
+            + ", ".join(f"{_f(n.microseconds, 1)} µs ({f})" for f, n in nulls)
+            + ".",
         ]
-        lines.append(f"| {run_.label} | {run_.form} | {cells[0]} | {cells[1]} | {versus} |")
     lines.append("")
     return lines
 
@@ -2438,7 +2567,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short durations: a smoke run (about a minute)")
     parser.add_argument("--out", type=Path, help="also write the markdown report to this file")
     parser.add_argument("--policy", type=Path, help=f"base policy instead of the example (must define {BENCH_MODEL!r})")
-    parser.add_argument("--rounds", type=int, help="saturation rounds per config (default: 3, --quick: 1)")
+    parser.add_argument("--rounds", type=int, help="saturation rounds per config (default: 5, --quick: 1)")
     parser.add_argument(
         "--baseline-src",
         type=Path,
@@ -2456,7 +2585,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--saturation-only",
         action="store_true",
-        help="sections 0, 1 and 2 only (no routing, SSE, memory or tokenization)",
+        help="sections 0 and 1 only (no fixed-rate latency, routing, SSE, memory or tokenization)",
     )
     parser.add_argument(
         "--litellm",
@@ -2490,6 +2619,7 @@ def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         )
     except (RuntimeError, PolicyError) as exc:
         print(f"extproc bench: {exc}", file=sys.stderr)
+        shutil.rmtree(work_dir, ignore_errors=True)
         return 1
     if args.out is not None:
         from extproc_dev.bench_plots import draw_plots

@@ -22,7 +22,7 @@ def draw_plots(report: Report, directory: Path, stem: str) -> list[tuple[str, st
     drawn: list[tuple[str, str]] = []
     for caption, suffix, draw in (
         ("Throughput at saturation per row (median of rounds, whiskers: range)", "throughput", _throughput),
-        ("Latency percentiles at a quarter of the null's saturation", "latency", _latency),
+        (f"Open-loop latency percentiles at {report.rate_rps:g} req/s", "latency", _latency),
         ("In-process CPU per request, before and after", "in-process", _in_process),
     ):
         name = f"{stem}-{suffix}.png"

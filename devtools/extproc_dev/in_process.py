@@ -1,6 +1,6 @@
 """One gateway request's CPU in process, with and without what `extproc serve` records.
 
-    python -m extproc_dev.in_process [--policy FILE] [--batches N] [--json]
+    python -m extproc_dev.in_process [--policy FILE] [--batches N] [--cold] [--json]
 
 The bench's section 0 (`bench.measure_in_process`: its request's four ext_proc messages through
 `RequestStream`, the benchmark policy), once bare and once with the Prometheus recorder and the
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy", type=Path, help="a benchmark policy (default: the example's, made benchmarkable)")
     parser.add_argument("--batches", type=int, default=7, help="timed batches of 2,000 requests (default 7)")
     parser.add_argument("--json", action="store_true", help="one JSON object: form, bare and recorded batches (µs)")
+    parser.add_argument(
+        "--cold", action="store_true", help="also with caches evicted before each message (bench.measure_cold)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="extproc-in-process-") as directory:
         policy = args.policy or bench.bench_policy(Path(directory))
@@ -36,6 +39,13 @@ def main(argv: list[str] | None = None) -> None:
                 label = "recorded (metrics + access log)" if recorded else "bare (no recorder)"
                 batches = ", ".join(f"{t:.1f}" for t in result.batches)
                 print(f"{form():6} {label:32} {result.microseconds:6.1f} µs/request  [{batches}]")
+        if args.cold:
+            results["cold"], results["cold_null"] = bench.measure_cold(bench.Settings(), policy)
+            if not args.json:
+                print(
+                    f"{form():6} {'recorded, caches evicted':32} {results['cold'].microseconds:6.1f} µs/request  "
+                    f"(the null's own work so: {results['cold_null'].microseconds:.1f} µs)"
+                )
     if args.json:
         print(json.dumps({"form": form(), **{name: r.batches for name, r in results.items()}}))
 
