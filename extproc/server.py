@@ -116,7 +116,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
 
     from extproc.compiled_form import form
     from extproc.core import Gateway
-    from extproc.processor import ExternalProcessor
+    from extproc.processor import ExternalProcessor, RecordBatch
     from extproc.stream_ends import AccessLogReceiver, StreamEnds
     from extproc.wire import add_processor_to_server
 
@@ -148,7 +148,10 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
         # One process: it serves its own /metrics (a supervisor runs a metrics process instead).
         metrics.serve_metrics(options.metrics_port, replica_registry(Path(options.metrics_dir), in_flight))
     stream_ends = StreamEnds(options.redis_url)
-    processor = ExternalProcessor(gateway, quotas, CachedLoads(scraper), queue, recorder, access_log, stream_ends)
+    batch = RecordBatch(recorder, access_log)
+    processor = ExternalProcessor(
+        gateway, quotas, CachedLoads(scraper), queue, recorder, access_log, stream_ends, batch
+    )
 
     def apply(new: CompiledPolicy) -> None:
         # One assignment: streams already running keep the gateway they began with.
@@ -211,6 +214,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     await stream_ends.drain()  # outcomes still waiting for a report (each for at most a second)
     await scraper.stop()
     await quotas.close()  # settlements in flight are written (or kept queued) before exit
+    batch.flush()  # the last requests' records, before the log closes
     if access_log is not None:
         access_log.close()
     if files is not None:

@@ -258,3 +258,31 @@ def test_a_socket_output_is_written_by_a_thread() -> None:
     probe.close()
     lines = _lines_through(theirs.detach(), ours.detach(), 500)
     assert [line["request_id"] for line in lines] == [f"r{n}" for n in range(500)]
+
+
+def test_finished_requests_are_recorded_in_batches_soon_after() -> None:
+    """`extproc serve` records finished requests together, a few milliseconds after they end."""
+    import asyncio
+
+    from extproc.processor import RecordBatch
+    from extproc.recorder import RequestRecord
+
+    recorder = CountingRecorder()
+
+    async def scenario() -> None:
+        batch = RecordBatch(recorder, None, delay_s=0.01, max_pending=3)
+        batch.add(RequestRecord(0.0, 0.0, request_id="a"))
+        assert recorder.records == []  # waits for the batch
+        await asyncio.sleep(0.05)
+        assert [r.request_id for r in recorder.records] == ["a"]
+        for name in "bcd":  # the third waiting record fills the batch: recorded at once
+            batch.add(RequestRecord(0.0, 0.0, request_id=name))
+        assert [r.request_id for r in recorder.records] == ["a", "b", "c", "d"]
+        batch.add(RequestRecord(0.0, 0.0, request_id="e"))
+        batch.flush()  # the server's drain, before the access log closes
+        assert recorder.records[-1].request_id == "e"
+
+    asyncio.run(scenario())
+    outside = RecordBatch(recorder, None)
+    outside.add(RequestRecord(0.0, 0.0, request_id="no loop"))  # no loop to wait on: at once
+    assert recorder.records[-1].request_id == "no loop"

@@ -171,12 +171,18 @@ def test_metrics_endpoint_counts_decisions(gateway_policy_path: Path) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             replies = list(pb_grpc.ExternalProcessorStub(channel).Process(iter(messages), timeout=5))
         assert replies[-1].immediate_response.status.code == 404
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
-            text = response.read().decode()
-        assert (
+        counted = (
             'extproc_requests_total{backend="none",class="interactive",model="other",outcome="invalid",tenant="anonymous"}'
-            " 1.0" in text
+            " 1.0"
         )
+        deadline = time.monotonic() + 5  # finished requests are recorded in batches, a few ms after they end
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                text = response.read().decode()
+            if counted in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert counted in text
         assert 'extproc_rejections_total{reason="model_not_found"} 1.0' in text
     finally:
         process.send_signal(signal.SIGTERM)
