@@ -294,15 +294,15 @@ class AccessLog:
             return
         except OSError as exc:
             # A closed pipe must never take the gateway down with it: those lines are lost.
-            self._lose_pending(exc)
+            self._lose_pending(f"output failed ({exc.strerror or exc})")
         self._unwatch()
 
-    def _lose_pending(self, exc: OSError) -> None:
-        """The output failed (its reader left, a full disk): what waited is lost, and counted."""
+    def _lose_pending(self, why: str) -> None:
+        """What waits for the output is given up (it failed, or closing ran out of time), and counted."""
         lost = sum(piece.count(b"\n") for piece in self._pending)
         self._pending.clear()
         self._pending_bytes = 0
-        self._dropped(lost, f"output failed ({exc.strerror or exc})")
+        self._dropped(lost, why)
 
     def _watch(self) -> None:
         if self._waiting_on is not None:
@@ -342,13 +342,11 @@ class AccessLog:
         while self._pending:
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
-                self._dropped(sum(piece.count(b"\n") for piece in self._pending))
+                self._lose_pending("output is too slow")
                 break
             self._write_pending()
             self._unwatch()
         os.close(self._out)
-        self._pending.clear()
-        self._pending_bytes = 0
         if self._owns_fd:
             os.close(self.fd)
 

@@ -52,7 +52,7 @@ import orjson
 import yaml
 
 from extproc.policy import Policy, PolicyError, example_policy_path, load_policy, parse_policy
-from extproc_dev.stack import LocalStack, envoy_binary, free_port, running
+from extproc_dev.stack import LocalStack, ManagedProcess, envoy_binary, free_port, running, wait_ready
 
 if TYPE_CHECKING:
     from extproc.core import Gateway
@@ -337,36 +337,14 @@ def private_redis() -> Iterator[str]:
     """A redis-server of our own on a free port, never the machine's shared one."""
     port = free_port()
     work = Path(tempfile.mkdtemp(prefix="extproc-bench-redis-"))
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(work),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    redis = ManagedProcess("redis-server", [*argv, "--dir", str(work)], work / "redis.log")
+    redis.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
+        wait_ready(redis, port, time.monotonic() + 10)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        process.terminate()
-        process.wait(10)
+        redis.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -1171,21 +1149,59 @@ def record_gateway_replies(policy_path: Path, body: bytes) -> dict[str, bytes]:
     return asyncio.run(record())
 
 
-def _record_batch(recorder: Any, access_log: Any) -> Any:
-    """The server's batched recording (`RecordBatch`), where the code measured has it (older trees do not)."""
+@dataclass
+class _Harness:
+    """The gateway wired as `extproc serve` wires it, without gRPC: what section 0 drives. It runs
+    against older trees too (`--baseline-src`), so it asks only for what they all have."""
+
+    gateway: Any
+    quotas: Any
+    recorder: Any
+    access_log: Any
+    batch: Any  # RecordBatch, where the tree has it
+
+    def stream(self) -> Any:
+        from extproc.processor import RequestStream
+
+        if self.batch is None:
+            return RequestStream(self.gateway, self.quotas, None, None, self.recorder, self.access_log)
+        return RequestStream(self.gateway, self.quotas, None, None, self.recorder, self.access_log, None, self.batch)
+
+    def finish(self, stream: Any) -> None:
+        settlement = stream.finish()
+        if settlement is not None and self.quotas is not None:
+            self.quotas.settle(*settlement)
+
+    async def close(self) -> None:
+        if self.quotas is not None:
+            await self.quotas.drain()
+        if self.batch is not None:
+            self.batch.flush()
+        if self.access_log is not None:
+            self.access_log.close()
+
+
+def _harness(policy: Policy, metrics_dir: str, recorded: bool) -> _Harness:
+    """`recorded`: with the Prometheus recorder and the JSON access log (to /dev/null), as `extproc serve`."""
+    from extproc import metrics
+    from extproc.access_log import AccessLog
+    from extproc.core import Gateway
+    from extproc.quota.memory import MemoryStore
+    from extproc.quota.service import QuotaService
+    from extproc.recorder import NULL_RECORDER
+
+    quotas = QuotaService(MemoryStore()) if policy.tenants else None
+    if not recorded:
+        return _Harness(Gateway.from_policy(policy), quotas, NULL_RECORDER, None, None)
+    recorder = metrics.GatewayMetrics(metrics.MetricFiles(Path(metrics_dir), "w0"))
+    access_log = AccessLog(os.open(os.devnull, os.O_WRONLY))
     try:
         from extproc.processor import RecordBatch
     except ImportError:
-        return None
-    return RecordBatch(recorder, access_log)
-
-
-def _request_stream(gateway: Any, quotas: Any, recorder: Any, access_log: Any, batch: Any) -> Any:
-    from extproc.processor import RequestStream
-
-    if batch is None:
-        return RequestStream(gateway, quotas, None, None, recorder, access_log)
-    return RequestStream(gateway, quotas, None, None, recorder, access_log, None, batch)
+        batch = None
+    else:
+        batch = RecordBatch(recorder, access_log)
+    return _Harness(Gateway.from_policy(policy), quotas, recorder, access_log, batch)
 
 
 def measure_in_process(
@@ -1197,35 +1213,19 @@ def measure_in_process(
     `recorded`: with the Prometheus recorder and the JSON access log (to /dev/null), as `extproc serve`."""
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    from extproc import metrics
-    from extproc.access_log import AccessLog
-    from extproc.core import Gateway
-    from extproc.quota.memory import MemoryStore
-    from extproc.quota.service import QuotaService
-    from extproc.recorder import NULL_RECORDER, Recorder
     from extproc.wire import to_wire
 
     policy = load_policy(policy_path)
     messages = _exchange_messages(chat_body(settings.max_tokens))
 
     async def measure(metrics_dir: str) -> list[float]:
-        gateway = Gateway.from_policy(policy)
-        quotas = QuotaService(MemoryStore()) if policy.tenants else None
-        recorder: Recorder = NULL_RECORDER
-        access_log = None
-        records = None
-        if recorded:
-            recorder = metrics.GatewayMetrics(metrics.MetricFiles(Path(metrics_dir), "w0"))
-            access_log = AccessLog(os.open(os.devnull, os.O_WRONLY))
-            records = _record_batch(recorder, access_log)
+        harness = _harness(policy, metrics_dir, recorded)
 
         async def one() -> None:
-            stream = _request_stream(gateway, quotas, recorder, access_log, records)
+            stream = harness.stream()
             for raw in messages:
                 to_wire(await stream.handle(pb.ProcessingRequest.FromString(raw)))
-            settlement = stream.finish()
-            if settlement is not None and quotas is not None:
-                quotas.settle(*settlement)
+            harness.finish(stream)
 
         for _ in range(batch):  # warm: caches, the quota planner, the allocator
             await one()
@@ -1237,12 +1237,7 @@ def measure_in_process(
                 if i % 16 == 0:
                     await asyncio.sleep(0)  # let timed settlement flushes run, as they would
             timed.append((time.process_time() - start) / batch * 1e6)
-        if quotas is not None:
-            await quotas.drain()
-        if records is not None:
-            records.flush()
-        if access_log is not None:
-            access_log.close()
+        await harness.close()
         return timed
 
     with tempfile.TemporaryDirectory(prefix="extproc-bench-metrics-") as metrics_dir:
@@ -1263,11 +1258,6 @@ def measure_cold(
     pick a prebuilt reply) in µs per request."""
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    from extproc import metrics
-    from extproc.access_log import AccessLog
-    from extproc.core import Gateway
-    from extproc.quota.memory import MemoryStore
-    from extproc.quota.service import QuotaService
     from extproc.wire import to_wire
 
     policy = load_policy(policy_path)
@@ -1282,16 +1272,12 @@ def measure_cold(
     null_replies["response_body"] = b""
 
     async def measure(metrics_dir: str) -> tuple[list[float], list[float]]:
-        gateway = Gateway.from_policy(policy)
-        quotas = QuotaService(MemoryStore()) if policy.tenants else None
-        recorder = metrics.GatewayMetrics(metrics.MetricFiles(Path(metrics_dir), "w0"))
-        access_log = AccessLog(os.open(os.devnull, os.O_WRONLY))
-
-        batch = _record_batch(recorder, access_log)
+        harness = _harness(policy, metrics_dir, recorded=True)
+        batch = harness.batch
 
         async def gateway_request() -> float:
             spent = 0.0
-            stream = _request_stream(gateway, quotas, recorder, access_log, batch)
+            stream = harness.stream()
             for raw in messages:
                 evict()
                 began = time.perf_counter()
@@ -1299,9 +1285,7 @@ def measure_cold(
                 spent += time.perf_counter() - began
             evict()
             began = time.perf_counter()
-            settlement = stream.finish()
-            if settlement is not None and quotas is not None:
-                quotas.settle(*settlement)
+            harness.finish(stream)
             return spent + time.perf_counter() - began
 
         async def null_request() -> float:
@@ -1330,11 +1314,7 @@ def measure_cold(
                     if i % 16 == 0:
                         await asyncio.sleep(0)
                 timed[index].append(total / requests * 1e6)
-        if quotas is not None:
-            await quotas.drain()
-        if batch is not None:
-            batch.flush()
-        access_log.close()
+        await harness.close()
         return timed
 
     with tempfile.TemporaryDirectory(prefix="extproc-bench-metrics-") as metrics_dir:
@@ -1705,7 +1685,6 @@ class Report:
     sse: dict[str, SseResult] = field(default_factory=dict)
     memory: MemoryResult | None = None
     tokens: list[TokenRow] = field(default_factory=list)
-    in_process: InProcess | None = None  # the form C runs, recorded: what B-cal spins
     in_process_runs: dict[str, InProcessRun] = field(default_factory=dict)  # before, python, mypyc
     form: str = "python"  # what the gateway rows run
     rate_rps: float = 0.0  # the fixed-rate rows' rate
@@ -1717,6 +1696,12 @@ class Report:
     policy_source: str = "the example policy"
     policy_note: str = ""
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def in_process(self) -> InProcess | None:
+        """Section 0 of the form C runs, recorded: what B-cal spins."""
+        run_ = self.in_process_runs.get(self.form)
+        return run_.recorded if run_ is not None else None
 
 
 # --- the forms and fronts measured -----------------------------------------------------------
@@ -1825,28 +1810,15 @@ def litellm_front(venv: Path, stack: LocalStack) -> Iterator[Front]:
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no download at start
         "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
     }
-    log_file = (stack.work_dir / "litellm.log").open("wb")
     argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
-    process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proxy = ManagedProcess("litellm", argv, stack.work_dir / "litellm.log", env=env)
+    proxy.start()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"LiteLLM's proxy did not start: see {stack.work_dir / 'litellm.log'}")
-            time.sleep(0.2)
-        yield Front(f"http://127.0.0.1:{port}", process.pid)
+        wait_ready(proxy, port, time.monotonic() + 120)
+        assert proxy.process is not None
+        yield Front(f"http://127.0.0.1:{port}", proxy.process.pid)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 15)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait(5)
-        log_file.close()
+        proxy.stop(15)
 
 
 def baseline_config(source: Path, work_dir: Path) -> Config:
@@ -1911,11 +1883,11 @@ def run(
         report.in_process_runs["mypyc"] = in_process_of("this code, mypyc", tree, policy, batches)
     for run_ in report.in_process_runs.values():
         log(f"  {run_.label}: {run_.bare.microseconds:.1f} µs bare, {run_.recorded.microseconds:.1f} µs recorded")
-    report.in_process = report.in_process_runs[report.form].recorded
     if not saturation_only:
         log("routing rules: evaluation cost of a 20-rule policy")
         report.routing = measure_routing(settings)
         log(routing_summary(report.routing))
+    assert report.in_process is not None
     calibrated = dataclasses.replace(NULL_CALIBRATED, null_busy_us=round(report.in_process.microseconds, 1))
     from extproc_dev.null_processor import dump_replies
 

@@ -159,6 +159,17 @@ class ManagedProcess:
             return ""
 
 
+def wait_ready(process: ManagedProcess, target: str | int, deadline: float) -> None:
+    """Until `target` answers (an HTTP URL, or a loopback port that accepts connections); raises if the
+    process exits first or `deadline` (time.monotonic) passes, with the end of its log."""
+    while not (_probe_tcp(target) if isinstance(target, int) else _probe_http(target)):
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited during start:\n{process.tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{process.name} not ready in time:\n{process.tail()}")
+        time.sleep(0.05)
+
+
 @dataclass
 class LocalStack:
     """Fake vLLMs (one per backend), `extproc serve` and Envoy, on loopback."""
@@ -325,12 +336,7 @@ class LocalStack:
         waits.append((envoy, f"http://127.0.0.1:{self.admin_port}/ready"))
         deadline = time.monotonic() + timeout
         for process, target in waits:
-            while not (_probe_tcp(target) if isinstance(target, int) else _probe_http(target)):
-                if not process.alive():
-                    raise RuntimeError(f"{process.name} exited during start:\n{process.tail()}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{process.name} not ready after {timeout:.0f}s:\n{process.tail()}")
-                time.sleep(0.05)
+            wait_ready(process, target, deadline)
         # Envoy is up once the route to the default backend answers.
         while not _probe_http(f"{self.origin}/health"):
             if time.monotonic() > deadline:
