@@ -35,7 +35,7 @@ from extproc.filter_contract import (
 )
 from extproc.load import BackendLoad
 from extproc.quota.service import QuotaService, Reservation
-from extproc.recorder import NULL_RECORDER, Recorder, RequestRecord
+from extproc.recorder import MAX_PHASE_TIMES, NULL_RECORDER, Recorder, RequestRecord
 from extproc.routing import CLASS_PRIORITY
 from extproc.saturation import queue_shed_error
 from extproc.stream_ends import StreamEnds
@@ -256,8 +256,16 @@ class RequestStream:
         else:
             return _CONTINUE_RESPONSE_TRAILERS
         if self.record is not None:
-            self.recorder.phase_time(kind, time.perf_counter() - started)
+            self._phase_time(self.record, kind, time.perf_counter() - started)
         return response
+
+    def _phase_time(self, record: RequestRecord, phase: str, seconds: float) -> None:
+        # Reported with the request (`_write_record`), where the recorder's code and data are warm.
+        times = record.phase_times
+        if len(times) < MAX_PHASE_TIMES:
+            times.append((phase, seconds))
+        else:
+            self.recorder.phase_time(phase, seconds)
 
     def _on_request_headers(self, message: pb.HttpHeaders, started: float) -> Wire:
         headers = _headers(message, self.gateway.request_header_names)
@@ -328,11 +336,12 @@ class RequestStream:
     def _lap(self, step: str, began: float, following: str) -> tuple[str, float]:
         """End `step` (the gateway's own time, or the wait in the admission queue); begin `following`."""
         now = time.perf_counter()
+        record = self.record
+        assert record is not None
         if step == "queue":
-            assert self.record is not None
-            self.record.queue_s = now - began
+            record.queue_s = now - began
         else:
-            self.recorder.phase_time(step, now - began)
+            self._phase_time(record, step, now - began)
         return following, now
 
     async def _take_slot(self, admission: Admission) -> Slot:
@@ -501,6 +510,8 @@ def _write_record(recorder: Recorder, access_log: AccessLog | None, record: Requ
     try:  # recording must never cost the settlement, which may still be ahead of this call
         if cut is not None:
             recorder.cut_stream(cut)
+        for phase, seconds in record.phase_times:
+            recorder.phase_time(phase, seconds)
         recorder.request_done(record)
         if access_log is not None:
             access_log.write(record)

@@ -15,6 +15,8 @@ from mypy_extensions import mypyc_attr
 
 from extproc.codes import Outcome
 
+MAX_PHASE_TIMES = 16
+
 
 @dataclass(slots=True)
 class RequestRecord:
@@ -60,6 +62,10 @@ class RequestRecord:
     finish_reasons: list[str] = field(default_factory=list)
     notes: Sequence[str] = ()
     prompt_text: str | None = None  # only with the access log's debug switch on
+    # The gateway's own time per ext_proc message (and per step of the body's decision), reported
+    # to the recorder with the request rather than each on its message's path; at most
+    # MAX_PHASE_TIMES wait here, a long stream's later ones are reported at once.
+    phase_times: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def fallback(self) -> bool:

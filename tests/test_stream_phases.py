@@ -89,3 +89,34 @@ def test_a_reservation_taken_before_an_internal_error_is_given_back(gateway: Gat
     assert stream.admission is None
     assert stream.finish() == (reservation, 0, 0)
     assert stream.finish() is None  # given back once
+
+
+def test_phase_times_reach_the_recorder_with_the_request_and_a_long_stream_holds_a_bounded_few(
+    gateway: Gateway,
+) -> None:
+    from extproc.recorder import MAX_PHASE_TIMES
+    from tests.recording import CountingRecorder
+
+    recorder = CountingRecorder()
+    stream = RequestStream(gateway, recorder=recorder)
+    asyncio.run(stream.handle(_headers()))
+    asyncio.run(stream.handle(_body(_CHAT)))
+    sse = [base_pb2.HeaderValue(key=":status", raw_value=b"200")]
+    sse.append(base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream"))
+    head = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=sse)))
+    asyncio.run(stream.handle(head))
+    assert sum(recorder.phases.values()) == 0  # nothing reported on the messages' own path
+    chunks = 3 * MAX_PHASE_TIMES
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+    for n in range(chunks):
+        last = n == chunks - 1
+        message = pb.HttpBody(body=event + (b"data: [DONE]\n\n" if last else b""), end_of_stream=last)
+        asyncio.run(stream.handle(pb.ProcessingRequest(response_body=message)))
+    record = stream.record
+    assert record is not None
+    assert len(record.phase_times) == MAX_PHASE_TIMES  # the rest went to the recorder at once
+    assert recorder.records == []
+    stream.finish()
+    assert [r is record for r in recorder.records] == [True]
+    assert recorder.phases["request_headers"] == 1 and recorder.phases["request_body"] == 1
+    assert recorder.phases["response_headers"] == 1 and recorder.phases["response_body"] == chunks
