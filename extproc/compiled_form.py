@@ -3,6 +3,13 @@
 The per-request modules (`COMPILED_MODULES`) are compiled to C extensions with mypyc when the
 package is built with `EXTPROC_COMPILE=1` (the image does); the same sources run as plain Python
 anywhere else. `extproc --version` and the start-up log say which form is running.
+
+Compiled code still runs the interpreter for whatever it calls that mypyc did not compile, and
+with caches cold that costs more than the call itself (the bench's section 0, "cold"). So the
+classes built on every request write their `__init__` out rather than let `@dataclass` generate
+it (a generated method is interpreted Python, even in a compiled module), and are not frozen (a
+frozen dataclass's own `__init__` could not assign its fields); enums looked up by hash use the
+object's identity hash rather than Enum's Python one.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from typing import Final
 COMPILED_MODULES: Final = (
     "extproc/processor.py",
     "extproc/core.py",
+    "extproc/compiled.py",
     "extproc/wire.py",
     "extproc/endpoints.py",
     "extproc/identity.py",
     "extproc/routing.py",
     "extproc/sse.py",
+    "extproc/signals.py",
     "extproc/recorder.py",
     "extproc/metrics.py",
     "extproc/access_log.py",

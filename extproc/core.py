@@ -13,7 +13,7 @@ Nothing here knows about gRPC or Envoy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -43,7 +43,7 @@ class Passthrough:
     strip_headers: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class NeedBody:
     """An inference call whose headers passed: what they said, kept for the body's decision."""
 
@@ -51,6 +51,15 @@ class NeedBody:
     identity: Identity | None  # None when the policy has no tenants
     traffic_class: str
     quality: str | None  # a declared x-llm-quality value, else None
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(
+        self, translator: Translator, identity: Identity | None, traffic_class: str, quality: str | None
+    ) -> None:
+        self.translator = translator
+        self.identity = identity
+        self.traffic_class = traffic_class
+        self.quality = quality
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +77,7 @@ class Reply:
         return cls(error.status, error.body(), headers, error)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Admission:
     """An accepted inference request and everything later phases need to know about it."""
 
@@ -87,7 +96,44 @@ class Admission:
     stream: bool
     hide_usage_event: bool
     facts: RequestFacts  # what the routing rules saw (also what a replay re-decides from)
-    notes: list[str] = field(default_factory=list)  # normalizations applied, for the log
+    notes: list[str]  # normalizations applied, for the log
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(
+        self,
+        model: CompiledModel,
+        target: Target,
+        endpoint: str,
+        identity: Identity | None,
+        traffic_class: str,
+        rule: str,
+        considered: tuple[Considered, ...],
+        set_headers: list[tuple[str, str]],
+        remove_headers: list[str],
+        body: bytes | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        stream: bool,
+        hide_usage_event: bool,
+        facts: RequestFacts,
+        notes: list[str] | None = None,
+    ) -> None:
+        self.model = model
+        self.target = target
+        self.endpoint = endpoint
+        self.identity = identity
+        self.traffic_class = traffic_class
+        self.rule = rule
+        self.considered = considered
+        self.set_headers = set_headers
+        self.remove_headers = remove_headers
+        self.body = body
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.stream = stream
+        self.hide_usage_event = hide_usage_event
+        self.facts = facts
+        self.notes = [] if notes is None else notes
 
     @property
     def priority(self) -> int:
@@ -505,6 +551,10 @@ def _context_exceeded(window: int, prompt: int, completion: int, prompt_field: s
 
 
 class BodyMode(Enum):
+    # Enum's own __hash__ is Python code (hash of the name); members are singletons compared
+    # by identity, so the object's identity hash is as good, and C.
+    __hash__ = object.__hash__
+
     NONE = "none"  # nothing to read
     BUFFERED = "buffered"  # one JSON document
     STREAMED = "streamed"  # SSE, chunk by chunk

@@ -17,10 +17,15 @@ from extproc.policy import Endpoint
 from extproc.tokenizer import TokenCounter
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class PromptCost:
     total: int  # every prompt token the request sends
     longest: int  # the largest single sequence: what must fit the context window
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(self, total: int, longest: int) -> None:
+        self.total = total
+        self.longest = longest
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,6 +163,10 @@ def _internal_error(message: str) -> pb.ProcessingResponse:
 
 
 class Phase(Enum):
+    # Enum's own __hash__ is Python code (hash of the name); members are singletons compared
+    # by identity, so the object's identity hash is as good, and C.
+    __hash__ = object.__hash__
+
     REQUEST_HEADERS = "request_headers"
     REQUEST_BODY = "request_body"
     UPSTREAM = "upstream"  # admitted, waiting for the response

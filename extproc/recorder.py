@@ -9,7 +9,7 @@ line and the per-request metrics are both derived from it, so they cannot disagr
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mypy_extensions import mypyc_attr
 
@@ -18,54 +18,99 @@ from extproc.codes import Outcome
 MAX_PHASE_TIMES = 16
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class RequestRecord:
     """One request, filled in as the stream goes; complete once `outcome` is set."""
 
     started: float  # time.perf_counter() at the request headers
     started_unix: float  # the same moment on the wall clock, for the log
-    request_id: str | None = None
-    endpoint: str | None = None  # chat, completions, embeddings, models
-    tenant: str | None = None  # a policy tenant's name, or None (no tenants, or not identified)
-    tier: str | None = None
-    key: str | None = None  # the API key's name in the policy (never the key)
-    requested_class: str | None = None  # what the client asked for with x-llm-class, if a known class
-    traffic_class: str = "interactive"  # the effective class
-    quality: str | None = None
-    requested_model: str | None = None  # as the client wrote it, cut to 128 characters (never a label)
-    model: str | None = None  # the canonical public name
-    served_model: str | None = None  # the name the backend serves
-    backend: str | None = None
-    routed_backend: str | None = None  # the rules' pick, before any fallback
-    rule: str | None = None
-    version: str | None = None  # what served it, from the upstream's response
-    json_mode: bool = False
-    tools: bool = False
-    messages: int = 0
-    requested_completion: int | None = None  # max_tokens as the client sent it
-    counted_prompt_tokens: int = 0  # the gateway's own count, what it decided on
-    prompt_tokens: int = 0  # settled usage (the upstream's report, else the count; 0 if nothing was served)
-    completion_cap: int = 0
-    completion_tokens: int = 0
-    usage: str = "none"  # reported, estimated or none
-    stream: bool = False
-    status: int = 0  # the status the client got (ours or the upstream's); 0: none
-    code: str | None = None  # the error code of a refusal
-    outcome: Outcome | None = None
-    refused: bool = False  # the gateway refused it itself
-    queue_s: float = 0.0
-    ttft_s: float | None = None
-    duration_s: float = 0.0
-    json_result: str | None = None  # valid, invalid, truncated (JSON-mode responses)
-    tool_calls_valid: int = 0
-    tool_calls_invalid: int = 0
-    finish_reasons: list[str] = field(default_factory=list)
-    notes: Sequence[str] = ()
-    prompt_text: str | None = None  # only with the access log's debug switch on
+    request_id: str | None
+    endpoint: str | None  # chat, completions, embeddings, models
+    tenant: str | None  # a policy tenant's name, or None (no tenants, or not identified)
+    tier: str | None
+    key: str | None  # the API key's name in the policy (never the key)
+    requested_class: str | None  # what the client asked for with x-llm-class, if a known class
+    traffic_class: str  # the effective class
+    quality: str | None
+    requested_model: str | None  # as the client wrote it, cut to 128 characters (never a label)
+    model: str | None  # the canonical public name
+    served_model: str | None  # the name the backend serves
+    backend: str | None
+    routed_backend: str | None  # the rules' pick, before any fallback
+    rule: str | None
+    version: str | None  # what served it, from the upstream's response
+    json_mode: bool
+    tools: bool
+    messages: int
+    requested_completion: int | None  # max_tokens as the client sent it
+    counted_prompt_tokens: int  # the gateway's own count, what it decided on
+    prompt_tokens: int  # settled usage (the upstream's report, else the count; 0 if nothing was served)
+    completion_cap: int
+    completion_tokens: int
+    usage: str  # reported, estimated or none
+    stream: bool
+    status: int  # the status the client got (ours or the upstream's); 0: none
+    code: str | None  # the error code of a refusal
+    outcome: Outcome | None
+    refused: bool  # the gateway refused it itself
+    queue_s: float
+    ttft_s: float | None
+    duration_s: float
+    json_result: str | None  # valid, invalid, truncated (JSON-mode responses)
+    tool_calls_valid: int
+    tool_calls_invalid: int
+    finish_reasons: list[str]
+    notes: Sequence[str]
+    prompt_text: str | None  # only with the access log's debug switch on
     # The gateway's own time per ext_proc message (and per step of the body's decision), reported
     # to the recorder with the request rather than each on its message's path; at most
     # MAX_PHASE_TIMES wait here, a long stream's later ones are reported at once.
-    phase_times: list[tuple[str, float]] = field(default_factory=list)
+    phase_times: list[tuple[str, float]]
+
+    # Written out, not generated: see extproc/compiled_form.py. Everything but when it began and
+    # its id is learned later, so starts at its default here.
+    def __init__(self, started: float, started_unix: float, request_id: str | None = None) -> None:
+        self.started = started
+        self.started_unix = started_unix
+        self.request_id = request_id
+        self.endpoint = None
+        self.tenant = None
+        self.tier = None
+        self.key = None
+        self.requested_class = None
+        self.traffic_class = "interactive"
+        self.quality = None
+        self.requested_model = None
+        self.model = None
+        self.served_model = None
+        self.backend = None
+        self.routed_backend = None
+        self.rule = None
+        self.version = None
+        self.json_mode = False
+        self.tools = False
+        self.messages = 0
+        self.requested_completion = None
+        self.counted_prompt_tokens = 0
+        self.prompt_tokens = 0
+        self.completion_cap = 0
+        self.completion_tokens = 0
+        self.usage = "none"
+        self.stream = False
+        self.status = 0
+        self.code = None
+        self.outcome = None
+        self.refused = False
+        self.queue_s = 0.0
+        self.ttft_s = None
+        self.duration_s = 0.0
+        self.json_result = None
+        self.tool_calls_valid = 0
+        self.tool_calls_invalid = 0
+        self.finish_reasons = []
+        self.notes = ()
+        self.prompt_text = None
+        self.phase_times = []
 
     @property
     def fallback(self) -> bool:

@@ -22,7 +22,7 @@ _NO_LIMIT = 1 << 62
 _MEMO_MAX = 4096
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class RequestFacts:
     """What a rule can match on, taken from the request and its caller."""
 
@@ -38,6 +38,33 @@ class RequestFacts:
     prompt_tokens: int
     messages: int
 
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(
+        self,
+        tenant: str | None,
+        tier: str | None,
+        traffic_class: str,
+        endpoint: str,
+        requested_model: str,
+        model: str,
+        json_mode: bool,
+        tools: bool,
+        quality: str | None,
+        prompt_tokens: int,
+        messages: int,
+    ) -> None:
+        self.tenant = tenant
+        self.tier = tier
+        self.traffic_class = traffic_class
+        self.endpoint = endpoint
+        self.requested_model = requested_model
+        self.model = model
+        self.json_mode = json_mode
+        self.tools = tools
+        self.quality = quality
+        self.prompt_tokens = prompt_tokens
+        self.messages = messages
+
     def discrete(self) -> tuple[object, ...]:
         return (
             self.tenant,
@@ -52,10 +79,15 @@ class RequestFacts:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class RouteTo:
     backend: str
     rule: str  # the rule that matched, or "default"
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(self, backend: str, rule: str) -> None:
+        self.backend = backend
+        self.rule = rule
 
 
 @dataclass(frozen=True, slots=True)

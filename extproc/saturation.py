@@ -59,10 +59,15 @@ class Considered:
         return f"Considered({self.backend!r}, {self.verdict!r})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Choice:
     target: Target
     considered: tuple[Considered, ...]
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(self, target: Target, considered: tuple[Considered, ...]) -> None:
+        self.target = target
+        self.considered = considered
 
 
 def saturation_level(load: BackendLoad | None, policy: LoadPolicy) -> float | None:

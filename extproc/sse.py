@@ -34,10 +34,15 @@ _SIGNAL_PATTERNS = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
 
     @property
     def total_tokens(self) -> int:

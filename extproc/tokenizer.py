@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from functools import cache
 from typing import Protocol
 
@@ -40,13 +41,23 @@ class TiktokenCounter:
                 f"{', '.join(sorted(n.removesuffix('_offline') for n in names if n.endswith('_offline')))})"
             )
         self._encoding = tiktoken.get_encoding(offline)
+        # The Rust encoder itself, where tiktoken exposes it: its Python wrapper is the only
+        # interpreted call left on a compiled request's path. The wrapper stays the fallback: it
+        # also mends text that UTF-8 cannot encode (lone surrogates).
+        core = getattr(self._encoding, "_core_bpe", None)
+        self._encode_ordinary: Callable[[str], list[int]] = (
+            core.encode_ordinary if core is not None else self._encoding.encode_ordinary
+        )
         self.name = f"tiktoken:{encoding}"
 
     def count(self, text: str) -> int:
         if not text:
             return 0
         # encode_ordinary: user text that looks like a special token is just text.
-        return len(self._encoding.encode_ordinary(text))
+        try:
+            return len(self._encode_ordinary(text))
+        except UnicodeEncodeError:
+            return len(self._encoding.encode_ordinary(text))
 
 
 class HuggingFaceCounter:

@@ -88,3 +88,11 @@ def run_exchanges(
         await quotas.drain()
 
     asyncio.run(run())
+
+
+def record_with(request_id: str | None = None, **fields: object) -> RequestRecord:
+    """A RequestRecord with some of what a stream would have learned already filled in."""
+    record = RequestRecord(0.0, 0.0, request_id)
+    for name, value in fields.items():
+        setattr(record, name, value)
+    return record

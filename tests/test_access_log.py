@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.access_log import FIELDS, AccessLog
 from extproc.core import Gateway
 from extproc.policy import load_policy
-from tests.recording import CountingRecorder, run_exchanges
+from tests.recording import CountingRecorder, record_with, run_exchanges
 
 POLICY = Path(__file__).parent / "policies" / "quota.yaml"
 PROMPT = "the secret prompt text"
@@ -135,11 +135,10 @@ def test_writes_are_cut_at_line_ends_into_pipe_sized_pieces() -> None:
 
 def test_a_stuck_reader_never_blocks_the_writer_of_lines(tmp_path: Path) -> None:
     """A pipe nobody reads: write() returns at once; lines beyond the pending bound are dropped and counted."""
-    from extproc.recorder import RequestRecord
 
     read_end, write_end = os.pipe()
     access_log = AccessLog(write_end, max_buffer_bytes=1, max_pending_bytes=256 * 1024)  # a batch per line
-    record = RequestRecord(0.0, 0.0, notes=["z" * 2000])
+    record = record_with(notes=["z" * 2000])
     started = time.monotonic()
     for _ in range(2000):
         access_log.write(record)
@@ -158,7 +157,7 @@ def test_close_gives_a_stuck_reader_a_bounded_time() -> None:
     read_end, write_end = os.pipe()
     access_log = AccessLog(write_end, max_buffer_bytes=1)
     for _ in range(100):
-        access_log.write(RequestRecord(0.0, 0.0, notes=["z" * 2000]))
+        access_log.write(record_with(notes=["z" * 2000]))
     started = time.monotonic()
     access_log.close(timeout_s=0.3)
     assert 0.25 < time.monotonic() - started < 2
@@ -173,8 +172,6 @@ def _lines_through(read_end: int, write_end: int, count: int) -> list[dict[str, 
     import asyncio
     import threading
 
-    from extproc.recorder import RequestRecord
-
     received = bytearray()
 
     def read_slowly() -> None:
@@ -188,7 +185,7 @@ def _lines_through(read_end: int, write_end: int, count: int) -> list[dict[str, 
     async def log_lines() -> None:
         access_log = AccessLog(write_end, flush_interval_s=0.01, max_buffer_bytes=64 * 1024)
         for n in range(count):
-            access_log.write(RequestRecord(0.0, 0.0, request_id=f"r{n}", notes=["y" * (n % 700)]))
+            access_log.write(record_with(f"r{n}", notes=["y" * (n % 700)]))
             if n % 50 == 0:
                 await asyncio.sleep(0)
         await asyncio.sleep(0.05)
@@ -210,13 +207,12 @@ def test_a_full_pipe_holds_lines_until_it_drains_whole_and_in_order() -> None:
 
 def test_a_terminal_whose_reader_stopped_never_blocks_the_loop() -> None:
     """`docker run -t`: stdout is a terminal, and a terminal's reader can stop (Ctrl-S, a paused pager)."""
-    from extproc.recorder import RequestRecord
 
     controller, terminal = os.openpty()
     access_log = AccessLog(terminal, max_buffer_bytes=1, max_pending_bytes=64 * 1024)
     started = time.monotonic()
     for _ in range(500):  # nobody reads the controller side: the terminal's buffer fills
-        access_log.write(RequestRecord(0.0, 0.0, notes=["t" * 1000]))
+        access_log.write(record_with(notes=["t" * 1000]))
     assert time.monotonic() - started < 5
     assert access_log.dropped_lines > 0
     assert not fcntl.fcntl(terminal, fcntl.F_GETFL) & os.O_NONBLOCK

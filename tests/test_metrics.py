@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 
 from extproc import codes, metrics
 from extproc.recorder import RequestRecord
+from tests.recording import record_with
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 
 def served(**overrides: object) -> RequestRecord:
-    record = RequestRecord(0.0, 0.0, tenant="acme", model="llama", backend="default-8b", traffic_class="batch")
+    record = record_with(tenant="acme", model="llama", backend="default-8b", traffic_class="batch")
     record.outcome, record.status, record.prompt_tokens, record.completion_tokens = "ok", 200, 1500, 20
     record.counted_prompt_tokens = 1500
     record.duration_s, record.version = 0.3, "v2"

@@ -305,12 +305,12 @@ async def test_a_replay_only_if_reserved_never_charges_twice(h: Harness) -> None
     assert await h.store.settle_many([first]) == [None]
     assert await h.usage(rules) == (30, 0)
     # Its answer was lost, so it is replayed: the reservation is gone, nothing changes.
-    assert await h.store.settle_many([first._replace(only_if_reserved=True)]) == [None]
+    assert await h.store.settle_many([first.as_replay()]) == [None]
     assert await h.usage(rules) == (30, 0)
 
     # Replayed while the reservation is still there (the first attempt never arrived): applied.
     await h.admit("r2", rules, now, now + MINUTE_MS)
-    assert await h.store.settle_many([h.settlement("r2", rules, [40, 1])._replace(only_if_reserved=True)]) == [None]
+    assert await h.store.settle_many([h.settlement("r2", rules, [40, 1]).as_replay()]) == [None]
     assert await h.usage(rules) == (70, 0)
 
 

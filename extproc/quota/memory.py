@@ -23,11 +23,17 @@ class _Counter:
     expires_at_ms: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Reservation:
     expires_at_ms: int
     rules: list[LimitRule]
     charged: list[int]  # per rule: what the admission added (0 for concurrency and free rules)
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(self, expires_at_ms: int, rules: list[LimitRule], charged: list[int]) -> None:
+        self.expires_at_ms = expires_at_ms
+        self.rules = rules
+        self.charged = charged
 
 
 @dataclass(slots=True)

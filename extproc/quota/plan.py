@@ -84,13 +84,21 @@ class RuleSet:
         return [by_basis[b] for b in self.bases]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class QuotaPlan:
     rule_set: RuleSet
     request_id: str
     costs: list[int]  # charged at admission, one per rule
     now_ms: int
     expires_at_ms: int  # the reservation's own lifetime
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(self, rule_set: RuleSet, request_id: str, costs: list[int], now_ms: int, expires_at_ms: int) -> None:
+        self.rule_set = rule_set
+        self.request_id = request_id
+        self.costs = costs
+        self.now_ms = now_ms
+        self.expires_at_ms = expires_at_ms
 
     @property
     def tag(self) -> str:

@@ -50,7 +50,7 @@ def _retryable(outcome: BaseException | None) -> bool:
 def _for_replay(item: Settlement, failure: BaseException | None) -> Settlement:
     """What to queue after a failed write: if it may have landed, a replay that cannot charge twice."""
     if isinstance(failure, StoreOutcomeUnknown) and not item.only_if_reserved:
-        return item._replace(only_if_reserved=True)
+        return item.as_replay()
     return item
 
 
@@ -200,7 +200,7 @@ class ResilientStore(SettlesInBatches):
                     break
                 except asyncio.CancelledError:
                     # Cancelled mid-write: it may or may not have landed; keep it rather than lose it.
-                    self._requeue([item._replace(only_if_reserved=True) for item in batch])
+                    self._requeue([item.as_replay() for item in batch])
                     raise
                 except Exception:
                     self._flush_errors += 1

@@ -18,10 +18,15 @@ _BATCH = 256  # settlements written per store call
 _FLUSH_DELAY_S = 0.005
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Reservation:
     plan: QuotaPlan
     result: AdmitResult
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(self, plan: QuotaPlan, result: AdmitResult) -> None:
+        self.plan = plan
+        self.result = result
 
     def rate_limit_headers(self) -> list[tuple[str, str]]:
         """x-ratelimit-* for the successful response; built only when a response comes."""

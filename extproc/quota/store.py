@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, Protocol
 
 from mypy_extensions import mypyc_attr
 
@@ -28,20 +28,42 @@ class LimitRule:
     expires_at_ms: int  # counter: when the key may go (window end + slack); concurrency: unused
 
 
-class AdmitResult(NamedTuple):  # a tuple: built on every admission
+@dataclass(slots=True, init=False)
+class AdmitResult:  # built on every admission
     allowed: bool
     denied_rule: int | None  # index into rules of the first rule without room
     used: tuple[int, ...]  # per rule: usage after this admission (or current usage, when denied)
 
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(self, allowed: bool, denied_rule: int | None, used: tuple[int, ...]) -> None:
+        self.allowed = allowed
+        self.denied_rule = denied_rule
+        self.used = used
 
-class Settlement(NamedTuple):
+
+@dataclass(slots=True, init=False)
+class Settlement:  # built on every settlement
     tag: str
     request_id: str
     rules: list[LimitRule]
     actual: list[int]  # the real cost per rule
     # Set on a replay of a settlement that may have landed already (it was sent, no answer came):
     # without its reservation it changes no counter, so it can never be charged twice.
-    only_if_reserved: bool = False
+    only_if_reserved: bool
+
+    # Written out, not generated: see extproc/compiled_form.py.
+    def __init__(
+        self, tag: str, request_id: str, rules: list[LimitRule], actual: list[int], only_if_reserved: bool = False
+    ) -> None:
+        self.tag = tag
+        self.request_id = request_id
+        self.rules = rules
+        self.actual = actual
+        self.only_if_reserved = only_if_reserved
+
+    def as_replay(self) -> Settlement:
+        """This settlement, sent again when the first may have landed: it cannot charge twice."""
+        return Settlement(self.tag, self.request_id, self.rules, self.actual, only_if_reserved=True)
 
     @classmethod
     def release(
