@@ -341,8 +341,9 @@ class Answer:
     status: int | None  # None: the connection was closed with no response
     headers: dict[str, str]
     body: bytes
-    # The server closed while the body was still being sent: its early answer (a 413) can then be
-    # lost to the TCP reset our unsent bytes provoke, before we read it. HTTP/1.1 has no cure for that.
+    # The server closed before reading all of the body we sent (or were sending): its early answer
+    # (a 413) can then be lost to the TCP reset the unread bytes provoke, before we read it, even
+    # when every send had succeeded into the socket's buffer. HTTP/1.1 has no cure for that.
     cut_while_sending: bool = False
 
 
@@ -379,7 +380,7 @@ def send(port: int, case: Case) -> Answer:
         response = connection.getresponse()
         return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
     except (http.client.RemoteDisconnected, ConnectionResetError):
-        return Answer(None, {}, b"", cut)
+        return Answer(None, {}, b"", cut or case.body is not None)
     finally:
         connection.close()
 
