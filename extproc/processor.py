@@ -514,11 +514,11 @@ def _write_record(recorder: Recorder, access_log: AccessLog | None, record: Requ
     try:  # recording must never cost the settlement, which may still be ahead of this call
         if cut is not None:
             recorder.cut_stream(cut)
-        for phase, seconds in record.phase_times:
-            recorder.phase_time(phase, seconds)
         recorder.request_done(record)
         if access_log is not None:
             access_log.write(record)
+        for phase, seconds in record.phase_times:
+            recorder.phase_time(phase, seconds)
     except Exception:
         log.exception("recording a finished request failed")
 

@@ -81,6 +81,8 @@ class RequestFacts:
 
 @dataclass(slots=True, init=False)
 class RouteTo:
+    """A rule's action: one instance per rule, handed to every request the rule takes (never change it)."""
+
     backend: str
     rule: str  # the rule that matched, or "default"
 

@@ -50,3 +50,49 @@ def test_no_compiled_function_reuses_an_exception_name_for_another_type() -> Non
                     types.setdefault(node.name, set()).add(ast.unparse(node.type))
             found += [f"{path}:{function.name}: {name}" for name, seen in types.items() if len(seen) > 1]
     assert found == []
+
+
+def test_a_compiled_request_runs_no_interpreted_python_of_ours(tmp_path: Path) -> None:
+    """With caches cold, every interpreted call drags the interpreter's code and data back in: the
+    compiled form's request path calls none (a dataclass's generated __init__, a NamedTuple's
+    __new__, Enum's __hash__ and a module left out of COMPILED_MODULES all are interpreted)."""
+    import asyncio
+
+    import pytest
+
+    if form() != "mypyc":
+        pytest.skip("the pure-Python form interprets everything (scripts/test-compiled.sh runs this)")
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.wire import to_wire
+    from extproc_dev import bench
+
+    policy = bench.load_policy(bench.bench_policy(tmp_path))
+    messages = bench._exchange_messages(bench.chat_body(bench.Settings().max_tokens))
+    interpreted: set[str] = set()
+
+    def watch(frame: object, event: str, arg: object) -> None:
+        if event == "call":
+            code = frame.f_code  # type: ignore[attr-defined]
+            if code.co_filename == __file__:
+                return
+            interpreted.add(f"{code.co_filename}:{code.co_name}")
+
+    async def requests() -> None:
+        # As section 0 of the bench drives them: the gateway wired as `extproc serve` wires it.
+        harness = bench._harness(policy, str(tmp_path), recorded=True)
+        for n in range(2):  # the first warms imports, caches and the quota planner
+            if n == 1:
+                sys.setprofile(watch)
+            stream = harness.stream()
+            for raw in messages:
+                to_wire(await stream.handle(pb.ProcessingRequest.FromString(raw)))
+            harness.finish(stream)
+            harness.batch.flush()
+            sys.setprofile(None)
+        await harness.close()
+
+    asyncio.run(requests())
+    suspects = ("enum.py:__hash__", "tiktoken/core.py:encode_ordinary")
+    ours = sorted(n for n in interpreted if "/extproc/" in n or n.startswith("<") or n.endswith(suspects))
+    assert ours == []
