@@ -115,7 +115,11 @@ def immediate(reply: Reply) -> pb.ProcessingResponse:
 def _headers(message: pb.HttpHeaders, wanted: frozenset[str]) -> dict[str, str]:
     """The headers a decision may read, decoded; a mesh adds many more that nothing here reads."""
     headers = {}
-    for header in message.headers.headers:
+    received = message.headers.headers
+    # By index: upb's repeated fields have no iterator, so a `for` loop ends on an IndexError that
+    # upb formats with printf, whose code is cold by then (once per headers message).
+    for i in range(len(received)):
+        header = received[i]
         key = header.key
         if key in wanted:
             headers[key] = header.raw_value.decode("utf-8", "replace")
@@ -125,7 +129,9 @@ def _headers(message: pb.HttpHeaders, wanted: frozenset[str]) -> dict[str, str]:
 def _response_head(message: pb.HttpHeaders, version_header: str) -> tuple[int, str, str | None]:
     """The response headers the watcher and the record need, without decoding the others."""
     status, content_type, version = 0, "", None
-    for header in message.headers.headers:
+    received = message.headers.headers
+    for i in range(len(received)):  # by index: see _headers
+        header = received[i]
         key = header.key
         if key == names.STATUS:
             value = header.raw_value
