@@ -8,13 +8,14 @@ Compiled code still runs the interpreter for whatever it calls that mypyc did no
 with caches cold that costs more than the call itself (the bench's section 0, "cold"). So the
 classes built on every request write their `__init__` out rather than let `@dataclass` generate
 it (a generated method is interpreted Python, even in a compiled module), and are not frozen (a
-frozen dataclass's own `__init__` could not assign its fields); enums looked up by hash use the
-object's identity hash rather than Enum's Python one.
+frozen dataclass's own `__init__` could not assign its fields); enums looked up by hash derive
+from `IdentityEnum`.
 """
 
 from __future__ import annotations
 
 import importlib
+from enum import Enum
 from typing import Final
 
 # The hot path: every ext_proc message runs through these. Paths from the project root.
@@ -45,6 +46,13 @@ COMPILED_MODULES: Final = (
     "extproc/quota/resp.py",
     "extproc/quota/store.py",
 )
+
+
+class IdentityEnum(Enum):
+    """An Enum hashed by identity: Enum's own `__hash__` is Python code (the name's hash), called on
+    every dict or set lookup; members are singletons compared by identity, so object's C hash agrees."""
+
+    __hash__ = object.__hash__
 
 
 def form() -> str:

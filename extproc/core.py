@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import orjson
 
 from extproc import codes, errors, names
 from extproc.compiled import CompiledModel, CompiledPolicy, Target, compile_policy
+from extproc.compiled_form import IdentityEnum
 from extproc.endpoints import TRANSLATORS, ChatFraming, Translator, dump_client_json
 from extproc.errors import GatewayError
 from extproc.identity import Identity
@@ -550,11 +550,7 @@ def _context_exceeded(window: int, prompt: int, completion: int, prompt_field: s
 # --- response side ------------------------------------------------------------------------
 
 
-class BodyMode(Enum):
-    # Enum's own __hash__ is Python code (hash of the name); members are singletons compared
-    # by identity, so the object's identity hash is as good, and C.
-    __hash__ = object.__hash__
-
+class BodyMode(IdentityEnum):
     NONE = "none"  # nothing to read
     BUFFERED = "buffered"  # one JSON document
     STREAMED = "streamed"  # SSE, chunk by chunk

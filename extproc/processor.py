@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from enum import Enum
 from functools import partial
 from typing import TypeAlias
 
@@ -24,6 +23,7 @@ from extproc import codes, errors, names, wire
 from extproc.access_log import DEBUG_PROMPT_BYTES, AccessLog
 from extproc.admission import AdmissionQueue, Shed, Slot
 from extproc.codes import Outcome
+from extproc.compiled_form import IdentityEnum
 from extproc.core import Admission, BodyMode, Gateway, NeedBody, Reply, ResponseWatcher
 from extproc.endpoints import TRANSLATORS
 from extproc.errors import GatewayError
@@ -168,11 +168,7 @@ def _internal_error(message: str) -> pb.ProcessingResponse:
     return immediate(Reply.from_error(errors.internal_error(message)))
 
 
-class Phase(Enum):
-    # Enum's own __hash__ is Python code (hash of the name); members are singletons compared
-    # by identity, so the object's identity hash is as good, and C.
-    __hash__ = object.__hash__
-
+class Phase(IdentityEnum):
     REQUEST_HEADERS = "request_headers"
     REQUEST_BODY = "request_body"
     UPSTREAM = "upstream"  # admitted, waiting for the response
