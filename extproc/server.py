@@ -21,6 +21,7 @@ from extproc import metrics
 from extproc.access_log import AccessLog
 from extproc.admission import AdmissionQueue
 from extproc.compiled import CompiledPolicy, compile_policy
+from extproc.heap import freeze_long_lived
 from extproc.inflight import InFlightCounter, LocalInFlight, SharedInFlight
 from extproc.load import BackendLoad, BackendTargets, LoadScraper
 from extproc.policy import Policy
@@ -163,6 +164,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
             timeout_s=new.policy.load.scrape_timeout_ms / 1000,
             stale_after_s=new.policy.load.stale_after_ms / 1000,
         )
+        freeze_long_lived()  # the new policy, out of the full collections' walk like the one it replaced
 
     watcher: PolicyWatcher | None = None
     if options.policy_path is not None:
@@ -193,9 +195,16 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     if port == 0:
         raise SystemExit(f"extproc: cannot listen on {options.listen}")
     await server.start()
+    frozen = freeze_long_lived()
     for service in ("", HEALTH_SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving ext_proc on %s (pid %d, %s form)", options.listen, os.getpid(), form())
+    log.info(
+        "serving ext_proc on %s (pid %d, %s form; %d start-up objects frozen out of the garbage collector)",
+        options.listen,
+        os.getpid(),
+        form(),
+        frozen,
+    )
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

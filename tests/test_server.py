@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,23 @@ def test_workers_share_the_port_report_health_and_stop_on_sigterm(gateway_policy
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_serving_worker_has_frozen_its_start_up_heap(gateway_policy_path: Path) -> None:
+    port = free_port()
+    process = _serve(port, gateway_policy_path, "--log-level", "info", "--grace-seconds", "1")
+    try:
+        _wait_serving(port, process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        assert process.stdout is not None
+        output = process.stdout.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    frozen = re.search(r"(\d+) start-up objects frozen out of the garbage collector", output)
+    assert frozen is not None, output
+    assert int(frozen.group(1)) > 10_000  # modules, descriptors, grpc, the policy: not a handful
 
 
 def test_sigterm_lets_an_in_flight_stream_finish(gateway_policy_path: Path) -> None:
