@@ -1693,6 +1693,8 @@ class Report:
     profile: list[tuple[str, float, float]] = field(default_factory=list)
     profiled: str = "C"  # the row py-spy watched
     seconds: float = 0.0
+    # Read before the run: the plots it draws rewrite tracked files, which would read as changes to the code.
+    revision: str = ""
     policy_source: str = "the example policy"
     policy_note: str = ""
     notes: list[str] = field(default_factory=list)
@@ -2132,7 +2134,7 @@ def render(report: Report, command: str) -> str:
     lines += machine_description()
     lines += [
         f"- reproduce: `{command}` (took {report.seconds:.0f} s)",
-        f"- code: {source_revision()}",
+        f"- code: {report.revision or source_revision()}",
         f"- form: the gateway rows (C, C-*) run the {report.form} form"
         + (", as the wheel and the image ship it; C-py is C in pure Python" if report.form == "mypyc" else ""),
         f"- every configuration: real Envoy (`--concurrency {s.envoy_concurrency}`), the same fake vLLM upstream, "
@@ -2606,6 +2608,7 @@ def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.rounds:
         settings = dataclasses.replace(settings, rounds=max(1, args.rounds))
     work_dir = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
+    revision = source_revision()
     try:
         report = run(
             settings,
@@ -2622,6 +2625,7 @@ def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"extproc bench: {exc}", file=sys.stderr)
         shutil.rmtree(work_dir, ignore_errors=True)
         return 1
+    report.revision = revision
     if args.out is not None:
         from extproc_dev.bench_plots import draw_plots
 
