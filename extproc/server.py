@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import shutil
@@ -153,6 +154,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     processor = ExternalProcessor(
         gateway, quotas, CachedLoads(scraper), queue, recorder, access_log, stream_ends, batch
     )
+    del compiled, gateway  # the processor holds the policy now: a reload's replacement frees it
 
     def apply(new: CompiledPolicy) -> None:
         # One assignment: streams already running keep the gateway they began with.
@@ -164,7 +166,6 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
             timeout_s=new.policy.load.scrape_timeout_ms / 1000,
             stale_after_s=new.policy.load.stale_after_ms / 1000,
         )
-        freeze_long_lived()  # the new policy, out of the full collections' walk like the one it replaced
 
     watcher: PolicyWatcher | None = None
     if options.policy_path is not None:
@@ -195,7 +196,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
     if port == 0:
         raise SystemExit(f"extproc: cannot listen on {options.listen}")
     await server.start()
-    frozen = freeze_long_lived()
+    freeze_long_lived()
     for service in ("", HEALTH_SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -203,7 +204,7 @@ async def run_server(options: ServeOptions, worker_index: int = 0) -> None:
         options.listen,
         os.getpid(),
         form(),
-        frozen,
+        gc.get_freeze_count(),  # walks the frozen list: once, here
     )
 
     stop = asyncio.Event()

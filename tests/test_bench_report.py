@@ -147,6 +147,14 @@ def test_report_renders_the_routing_rules_section(monkeypatch: pytest.MonkeyPatc
     assert "| routing rules: evaluate ≤ 5 µs/request, 20 rules (memo cleared, worst case) | 6.00 µs | FAIL |" in text
 
 
+def test_report_names_the_revision_read_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run's plots rewrite tracked files: read at render time, every report would say "uncommitted".
+    monkeypatch.setattr(bench, "machine_description", lambda: [])
+    monkeypatch.setattr(bench, "source_revision", lambda: "git abc1234 with uncommitted changes")
+    report = Report(Settings(), revision="git abc1234")
+    assert "- code: git abc1234\n" in bench.render(report, "extproc bench")
+
+
 def test_rules_benchmark_requests_take_the_rules_it_says() -> None:
     from extproc.routing import shadowed_rules
 
