@@ -1716,8 +1716,10 @@ def compiled_tree(work_dir: Path) -> Path:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         raise RuntimeError("no C compiler (cc or gcc) to build the compiled form")
     tree = work_dir / "compiled-tree"
+    # Built by the interpreter that will run it: its own headers, whichever venv the bench runs from.
+    env = {**os.environ, "EXTPROC_BUILD_PYTHON": sys.executable}
     done = subprocess.run(
-        ["bash", str(BUILD_COMPILED_TREE), str(tree)], capture_output=True, text=True, timeout=900, check=False
+        ["bash", str(BUILD_COMPILED_TREE), str(tree)], capture_output=True, text=True, timeout=900, check=False, env=env
     )
     if done.returncode != 0:
         raise RuntimeError(f"building the compiled form failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
