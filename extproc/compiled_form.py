@@ -33,6 +33,8 @@ COMPILED_MODULES: Final = (
     "extproc/metrics.py",
     "extproc/access_log.py",
     "extproc/admission.py",
+    "extproc/inflight.py",
+    "extproc/load_view.py",
     "extproc/saturation.py",
     "extproc/errors.py",
     "extproc/codes.py",

@@ -40,6 +40,8 @@ import os
 import tempfile
 from typing import Protocol
 
+from mypy_extensions import mypyc_attr
+
 __all__ = ["InFlightCounter", "InFlightTableFull", "LocalInFlight", "SharedInFlight"]
 
 NAME_BYTES = 63
@@ -68,6 +70,7 @@ class InFlightCounter(Protocol):
     def close(self) -> None: ...
 
 
+@mypyc_attr(native_class=False)  # compiled, a native class cannot derive from RuntimeError
 class InFlightTableFull(RuntimeError):
     """More distinct backend names than the shared table was sized for (`max_backends`)."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from functools import partial
 from typing import TypeAlias
 
@@ -34,6 +34,7 @@ from extproc.filter_contract import (
     RESPONSE_HEADERS_WITH_MODE,
 )
 from extproc.load import BackendLoad
+from extproc.load_view import LoadView
 from extproc.quota.service import QuotaService, Reservation
 from extproc.recorder import MAX_PHASE_TIMES, NULL_RECORDER, Recorder, RequestRecord
 from extproc.routing import CLASS_PRIORITY
@@ -45,7 +46,6 @@ log = logging.getLogger("extproc.request")
 _Mode = processing_mode_pb2.ProcessingMode
 
 # The latest load figure per backend, as the scraper last saw it.
-LoadView: TypeAlias = Callable[[], Mapping[str, BackendLoad]]
 _NO_LOADS: Mapping[str, BackendLoad] = {}
 
 # What a stream answers: serialized bytes on the hot paths (see wire.py), messages for rare replies.

@@ -24,7 +24,8 @@ from extproc.admission import AdmissionQueue
 from extproc.compiled import CompiledPolicy, compile_policy
 from extproc.heap import freeze_long_lived
 from extproc.inflight import InFlightCounter, LocalInFlight, SharedInFlight
-from extproc.load import BackendLoad, BackendTargets, LoadScraper
+from extproc.load import BackendTargets, LoadScraper
+from extproc.load_view import CachedLoads
 from extproc.policy import Policy
 from extproc.quota.service import QuotaService
 from extproc.recorder import NULL_RECORDER, Recorder
@@ -65,23 +66,6 @@ def load_targets(policy: Policy, extra_urls: dict[str, tuple[str, ...]]) -> dict
         if urls or source.metrics_dns:
             targets[name] = BackendTargets(urls=urls, dns=source.metrics_dns, path=source.metrics_path)
     return targets
-
-
-class CachedLoads:
-    """The scraper's snapshot, rebuilt at most every few milliseconds rather than per request."""
-
-    def __init__(self, scraper: LoadScraper, max_age_s: float = 0.05) -> None:
-        self.scraper = scraper
-        self.max_age_s = max_age_s
-        self._at = -1.0
-        self._snapshot: dict[str, BackendLoad] = {}
-
-    def __call__(self) -> dict[str, BackendLoad]:
-        now = time.monotonic()
-        if now - self._at > self.max_age_s:
-            self._snapshot = self.scraper.snapshot()
-            self._at = now
-        return self._snapshot
 
 
 def build_quota_service(policy: Policy, redis_url: str | None, recorder: Recorder = NULL_RECORDER) -> QuotaService:

@@ -1159,13 +1159,27 @@ class _Harness:
     recorder: Any
     access_log: Any
     batch: Any  # RecordBatch, where the tree has it
+    loads: Any = None  # the load view over a scraper with no targets (the bench's figures are all "available")
+    queue: Any = None  # the admission queue: uncapped backends still count their requests in flight
+    stream_ends: Any = None  # where cut streams wait for Envoy's report
 
     def stream(self) -> Any:
         from extproc.processor import RequestStream
 
         if self.batch is None:
-            return RequestStream(self.gateway, self.quotas, None, None, self.recorder, self.access_log)
-        return RequestStream(self.gateway, self.quotas, None, None, self.recorder, self.access_log, None, self.batch)
+            return RequestStream(
+                self.gateway, self.quotas, self.loads, self.queue, self.recorder, self.access_log, self.stream_ends
+            )
+        return RequestStream(
+            self.gateway,
+            self.quotas,
+            self.loads,
+            self.queue,
+            self.recorder,
+            self.access_log,
+            self.stream_ends,
+            self.batch,
+        )
 
     def finish(self, stream: Any) -> None:
         settlement = stream.finish()
@@ -1192,7 +1206,7 @@ def _harness(policy: Policy, metrics_dir: str, recorded: bool) -> _Harness:
 
     quotas = QuotaService(MemoryStore()) if policy.tenants else None
     if not recorded:
-        return _Harness(Gateway.from_policy(policy), quotas, NULL_RECORDER, None, None)
+        return _Harness(Gateway.from_policy(policy), quotas, NULL_RECORDER, None, None, *_served_parts(NULL_RECORDER))
     recorder = metrics.GatewayMetrics(metrics.MetricFiles(Path(metrics_dir), "w0"))
     access_log = AccessLog(os.open(os.devnull, os.O_WRONLY))
     try:
@@ -1201,7 +1215,23 @@ def _harness(policy: Policy, metrics_dir: str, recorded: bool) -> _Harness:
         batch = None
     else:
         batch = RecordBatch(recorder, access_log)
-    return _Harness(Gateway.from_policy(policy), quotas, recorder, access_log, batch)
+    return _Harness(Gateway.from_policy(policy), quotas, recorder, access_log, batch, *_served_parts(recorder))
+
+
+def _served_parts(recorder: Any) -> tuple[Any, Any, Any]:
+    """The load view, admission queue and stream-end reports `extproc serve` gives every stream, as
+    far as the tree has them (one process: a local in-flight counter, as `serve` with one worker)."""
+    from extproc.admission import AdmissionQueue
+    from extproc.inflight import LocalInFlight
+    from extproc.load import LoadScraper
+    from extproc.stream_ends import StreamEnds
+
+    try:
+        from extproc.load_view import CachedLoads
+    except ImportError:  # older trees kept it in the server module
+        from extproc.server import CachedLoads  # type: ignore[attr-defined,no-redef]
+    loads = CachedLoads(LoadScraper({}, recorder=recorder))
+    return loads, AdmissionQueue(LocalInFlight(), recorder=recorder), StreamEnds(None)
 
 
 def measure_in_process(
