@@ -35,9 +35,7 @@ from extproc.inflight import InFlightCounter
 from extproc.recorder import NULL_RECORDER, Recorder
 from extproc.routing import CLASS_OF_PRIORITY
 
-__all__ = ["UNCAPPED", "AdmissionQueue", "Shed", "Slot"]
-
-UNCAPPED = 1 << 62  # the cap given to the counter for an uncapped backend: counted, never refused
+__all__ = ["AdmissionQueue", "Shed", "Slot"]
 
 ShedReason = Literal["queue_full", "queue_timeout"]
 
@@ -130,7 +128,7 @@ class AdmissionQueue:
         if slot is None:
             slot = self._slots[backend] = Slot(backend)
         if cap is None:
-            self._counter.try_acquire(backend, UNCAPPED)
+            self._counter.add(backend)  # counted (the in-flight gauge), never refused
             return slot
         state = self._backends.get(backend)
         # Fast path: nobody of equal or higher priority waits, and a slot is free.

@@ -11,10 +11,16 @@ counters in one shared mapping created by the supervisor before it forks:
 Each cell has a single writer, the worker it belongs to (the supervisor's `reset_worker` writes
 a dead worker's row, before that worker is restarted). So:
 
-- `release` is one store to this worker's own cell, with no lock. Counts only ever fall
-  outside the lock, so a reader that sees a stale value sees too many in flight, never too few.
+- `release` is one store to this worker's own cell, with no lock. Counts of a capped backend
+  only ever fall outside the lock, so a reader that sees a stale value sees too many in
+  flight, never too few.
+- `add`, for a backend with no cap, is one store to this worker's own cell with no lock
+  either: nothing is decided on the sum, so an uncapped request pays no system call. A
+  backend has a cap for every worker or for none, except while a reload that gives it one
+  reaches the workers: then a request admitted under the old policy, which had no cap, can
+  go over the new cap, as it would have had it come a moment earlier.
 - `try_acquire` sums the backend's cells and increments its own under an exclusive
-  `fcntl.lockf` lock on the mapping's file. Every increment happens under that lock, so the
+  `fcntl.lockf` lock on the mapping's file. Every increment of a capped backend happens under that lock, so the
   sum read inside it bounds the true total from above: the cap can never be exceeded. When
   an unlocked read already shows the backend at its cap, it is refused without the lock
   (no system call on the refusal path, which is what polling waiters hit).
@@ -59,6 +65,8 @@ class InFlightCounter(Protocol):
 
     def try_acquire(self, backend: str, cap: int) -> bool: ...
 
+    def add(self, backend: str) -> None: ...
+
     def release(self, backend: str) -> None: ...
 
     def total(self, backend: str) -> int: ...
@@ -98,6 +106,10 @@ class LocalInFlight:
             return False
         counts[backend] = n + 1
         return True
+
+    def add(self, backend: str) -> None:
+        counts = self._counts
+        counts[backend] = counts.get(backend, 0) + 1
 
     def release(self, backend: str) -> None:
         counts = self._counts
@@ -192,6 +204,16 @@ class SharedInFlight:
             return True
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    def add(self, backend: str) -> None:
+        """Count one more in flight to `backend` for this worker, whatever the others hold (no cap)."""
+        worker = self._worker
+        if worker < 0:
+            raise RuntimeError("SharedInFlight: bind_worker() was not called in this process")
+        base = self._bases.get(backend)
+        if base is None:
+            base = self._lookup(backend, register=True)
+        self._words[base + worker] += 1  # this worker's own cell: no other writer while it lives
 
     def release(self, backend: str) -> None:
         """Give back one slot this worker acquired for `backend` (a release without one is ignored)."""

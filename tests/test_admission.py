@@ -11,6 +11,7 @@ import mmap
 import os
 import select
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -145,6 +146,53 @@ def test_counter_cap_release_total(kind: str) -> None:
         assert counter.total("other") == 0
     finally:
         counter.close()
+
+
+@pytest.mark.parametrize("kind", ["local", "shared"])
+def test_uncapped_add_counts_beside_capped_acquires(kind: str) -> None:
+    counter: LocalInFlight | SharedInFlight = LocalInFlight() if kind == "local" else SharedInFlight.create(4)
+    try:
+        counter.bind_worker(0)
+        for _ in range(3):
+            counter.add(B)  # no cap: always counted
+        assert counter.total(B) == 3
+        assert not counter.try_acquire(B, 3)  # a cap sees what was added
+        assert counter.try_acquire(B, 4)
+        for _ in range(5):
+            counter.release(B)
+        assert counter.total(B) == 0
+        counter.add("fresh")  # registers the name, as try_acquire does
+        assert counter.total("fresh") == 1
+    finally:
+        counter.close()
+
+
+def test_shared_uncapped_add_never_waits_for_the_lock() -> None:
+    """The lock exists for the cap's check-then-count; an uncapped request has no cap to check,
+    so another worker holding the table's lock never holds it up."""
+    with _shared(2) as counter:
+        counter.bind_worker(0)
+        counter.add(B)  # registered before the fork: registering takes the lock
+        ready_r, ready_w = os.pipe()
+        done_r, done_w = os.pipe()
+
+        def holder() -> None:
+            fcntl.lockf(counter._fd, fcntl.LOCK_EX)
+            os.write(ready_w, b"held\n")
+            os.read(done_r, 1)  # holds the lock until told
+
+        pid = _fork(holder)
+        try:
+            _read_line(ready_r)
+            adding = threading.Thread(target=counter.add, args=(B,))  # a thread: a lock wait must not hang the suite
+            adding.start()
+            adding.join(2)
+            assert not adding.is_alive()
+            assert counter.held(B, 0) == 2
+            assert not counter.try_acquire(B, 2)  # refused without the lock: the unlocked read sees the cap
+        finally:
+            os.write(done_w, b"x")
+        assert _wait_exit(pid) == 0
 
 
 def test_shared_names_and_binding() -> None:
