@@ -17,13 +17,14 @@ a dead worker's row, before that worker is restarted). So:
 - `add`, for a backend with no cap, is one store to this worker's own cell with no lock
   either: nothing is decided on the sum, so an uncapped request pays no system call. A
   backend has a cap for every worker or for none, except while a reload that gives it one
-  reaches the workers: then a request admitted under the old policy, which had no cap, can
-  go over the new cap, as it would have had it come a moment earlier.
+  reaches the workers (and for the streams that began before it: a stream keeps its policy):
+  then a request admitted under the old policy, which had no cap, can go over the new cap, as
+  it would have had it come a moment earlier.
 - `try_acquire` sums the backend's cells and increments its own under an exclusive
-  `fcntl.lockf` lock on the mapping's file. Every increment of a capped backend happens under that lock, so the
-  sum read inside it bounds the true total from above: the cap can never be exceeded. When
-  an unlocked read already shows the backend at its cap, it is refused without the lock
-  (no system call on the refusal path, which is what polling waiters hit).
+  `fcntl.lockf` lock on the mapping's file. Every increment of a capped backend happens under
+  that lock, so the sum read inside it bounds the true total from above: the cap can never be
+  exceeded. When an unlocked read already shows the backend at its cap, it is refused without
+  the lock (no system call on the refusal path, which is what polling waiters hit).
 - `lockf` (POSIX record) locks belong to a process, not to a file descriptor: a forked child
   shares the inherited descriptor yet excludes its parent and siblings, with no reopen after
   fork, and the kernel drops the lock of a process that dies holding it. (An `flock` lock
@@ -135,7 +136,7 @@ class SharedInFlight:
     """Per-backend in-flight counters shared by the forked worker processes of one replica.
 
     The supervisor calls `create` before forking; each child calls `bind_worker(index)`
-    (indexes unique among live workers, below `max_workers`) before its first `try_acquire`.
+    (indexes unique among live workers, below `max_workers`) before its first `try_acquire` or `add`.
     """
 
     def __init__(self, fd: int, mm: mmap.mmap, max_workers: int, max_backends: int) -> None:
@@ -216,7 +217,7 @@ class SharedInFlight:
         self._words[base + worker] += 1  # this worker's own cell: no other writer while it lives
 
     def release(self, backend: str) -> None:
-        """Give back one slot this worker acquired for `backend` (a release without one is ignored)."""
+        """Give back one slot this worker acquired or added for `backend` (a release without one is ignored)."""
         base = self._bases.get(backend)
         if base is None or self._worker < 0:
             return

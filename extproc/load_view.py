@@ -1,6 +1,6 @@
-"""What a request sees of the backends' load: the scraper's figures, read once per few milliseconds.
+"""What a request sees of the backends' load: the scraper's figures, taken at most every 50 ms.
 
-Every admitted request reads the load view, so it is compiled with the hot path
+Every request body reads the load view before it is decided, so it is compiled with the hot path
 (`COMPILED_MODULES`); the scraper itself (`extproc.load`) runs twice a second and is not.
 """
 

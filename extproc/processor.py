@@ -45,7 +45,7 @@ log = logging.getLogger("extproc.request")
 
 _Mode = processing_mode_pb2.ProcessingMode
 
-# The latest load figure per backend, as the scraper last saw it.
+# No load view wired (tests, tools): no figures for any backend, each taken as `load.unknown` says.
 _NO_LOADS: Mapping[str, BackendLoad] = {}
 
 # What a stream answers: serialized bytes on the hot paths (see wire.py), messages for rare replies.

@@ -170,11 +170,11 @@ def test_uncapped_add_counts_beside_capped_acquires(kind: str) -> None:
 def test_shared_uncapped_add_never_waits_for_the_lock() -> None:
     """The lock exists for the cap's check-then-count; an uncapped request has no cap to check,
     so another worker holding the table's lock never holds it up."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
     with _shared(2) as counter:
         counter.bind_worker(0)
         counter.add(B)  # registered before the fork: registering takes the lock
-        ready_r, ready_w = os.pipe()
-        done_r, done_w = os.pipe()
 
         def holder() -> None:
             fcntl.lockf(counter._fd, fcntl.LOCK_EX)
@@ -182,17 +182,22 @@ def test_shared_uncapped_add_never_waits_for_the_lock() -> None:
             os.read(done_r, 1)  # holds the lock until told
 
         pid = _fork(holder)
+        # In a thread: an add that waits for the lock fails the test instead of hanging the suite.
+        adding = threading.Thread(target=counter.add, args=(B,))
         try:
             _read_line(ready_r)
-            adding = threading.Thread(target=counter.add, args=(B,))  # a thread: a lock wait must not hang the suite
             adding.start()
             adding.join(2)
-            assert not adding.is_alive()
-            assert counter.held(B, 0) == 2
-            assert not counter.try_acquire(B, 2)  # refused without the lock: the unlocked read sees the cap
+            waited = adding.is_alive()
         finally:
             os.write(done_w, b"x")
+            if adding.is_alive():
+                adding.join(5)
         assert _wait_exit(pid) == 0
+        assert not waited
+        assert counter.held(B, 0) == 2
+    for fd in (ready_r, ready_w, done_r, done_w):
+        os.close(fd)
 
 
 def test_shared_names_and_binding() -> None:

@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import importlib
 import itertools
 import math
 import multiprocessing
@@ -1159,16 +1160,17 @@ class _Harness:
     recorder: Any
     access_log: Any
     batch: Any  # RecordBatch, where the tree has it
-    loads: Any = None  # the load view over a scraper with no targets (the bench's figures are all "available")
-    queue: Any = None  # the admission queue: uncapped backends still count their requests in flight
+    loads: Any = None  # the load view over a scraper with no targets (every figure unknown, taken as available)
+    queue: Any = None  # the admission queue: the request is counted against its backend's cap (out of reach)
     stream_ends: Any = None  # where cut streams wait for Envoy's report
 
     def stream(self) -> Any:
         from extproc.processor import RequestStream
 
-        if self.batch is None:
+        if self.batch is None:  # older trees: stream-end reports only where the tree has them
+            ends = () if self.stream_ends is None else (self.stream_ends,)
             return RequestStream(
-                self.gateway, self.quotas, self.loads, self.queue, self.recorder, self.access_log, self.stream_ends
+                self.gateway, self.quotas, self.loads, self.queue, self.recorder, self.access_log, *ends
             )
         return RequestStream(
             self.gateway,
@@ -1219,18 +1221,20 @@ def _harness(policy: Policy, metrics_dir: str, recorded: bool) -> _Harness:
 
 
 def _served_parts(recorder: Any) -> tuple[Any, Any, Any]:
-    """The load view, admission queue and stream-end reports `extproc serve` gives every stream, as
-    far as the tree has them (one process: a local in-flight counter, as `serve` with one worker)."""
-    from extproc.admission import AdmissionQueue
-    from extproc.inflight import LocalInFlight
-    from extproc.load import LoadScraper
-    from extproc.stream_ends import StreamEnds
-
+    """The load view, admission queue and stream-end reports `extproc serve` gives every stream (one
+    process: a local in-flight counter, as `serve` with one worker); none for a tree that lacks them."""
     try:
-        from extproc.load_view import CachedLoads
+        from extproc.admission import AdmissionQueue
+        from extproc.inflight import LocalInFlight
+        from extproc.load import LoadScraper
+        from extproc.stream_ends import StreamEnds
+    except ImportError:
+        return None, None, None
+    try:
+        cached_loads: Any = importlib.import_module("extproc.load_view").CachedLoads
     except ImportError:  # older trees kept it in the server module
-        from extproc.server import CachedLoads  # type: ignore[attr-defined,no-redef]
-    loads = CachedLoads(LoadScraper({}, recorder=recorder))
+        cached_loads = importlib.import_module("extproc.server").CachedLoads
+    loads = cached_loads(LoadScraper({}, recorder=recorder))
     return loads, AdmissionQueue(LocalInFlight(), recorder=recorder), StreamEnds(None)
 
 
