@@ -186,12 +186,7 @@ class SharedInFlight:
 
     def try_acquire(self, backend: str, cap: int) -> bool:
         """If fewer than `cap` are in flight to `backend` across all workers, count one more for this worker."""
-        worker = self._worker
-        if worker < 0:
-            raise RuntimeError("SharedInFlight: bind_worker() was not called in this process")
-        base = self._bases.get(backend)
-        if base is None:
-            base = self._lookup(backend, register=True)
+        base = self._registered(backend)
         words = self._words
         end = base + self._max_workers
         if sum(words[base:end]) >= cap:  # unlocked: may be stale, but only ever too high
@@ -201,20 +196,22 @@ class SharedInFlight:
         try:
             if sum(words[base:end]) >= cap:
                 return False
-            words[base + worker] += 1
+            words[base + self._worker] += 1
             return True
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN)
 
     def add(self, backend: str) -> None:
         """Count one more in flight to `backend` for this worker, whatever the others hold (no cap)."""
-        worker = self._worker
-        if worker < 0:
+        base = self._registered(backend)
+        self._words[base + self._worker] += 1  # this worker's own cell: no other writer while it lives
+
+    def _registered(self, backend: str) -> int:
+        """The backend's first cell, registering its name on first use; only in a bound worker."""
+        if self._worker < 0:
             raise RuntimeError("SharedInFlight: bind_worker() was not called in this process")
         base = self._bases.get(backend)
-        if base is None:
-            base = self._lookup(backend, register=True)
-        self._words[base + worker] += 1  # this worker's own cell: no other writer while it lives
+        return base if base is not None else self._lookup(backend, register=True)
 
     def release(self, backend: str) -> None:
         """Give back one slot this worker acquired or added for `backend` (a release without one is ignored)."""
