@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol, TypeAlias
+from typing import TypeAlias
 
-from extproc.load import BackendLoad
+from extproc.load import BackendLoad, LoadScraper
 
 __all__ = ["CachedLoads", "LoadView"]
 
@@ -18,15 +18,11 @@ __all__ = ["CachedLoads", "LoadView"]
 LoadView: TypeAlias = Callable[[], Mapping[str, BackendLoad]]
 
 
-class LoadSource(Protocol):
-    def snapshot(self) -> dict[str, BackendLoad]: ...
-
-
 class CachedLoads:
     """The scraper's snapshot, rebuilt at most every `max_age_s` rather than per request."""
 
-    def __init__(self, source: LoadSource, max_age_s: float = 0.05) -> None:
-        self.source = source
+    def __init__(self, scraper: LoadScraper, max_age_s: float = 0.05) -> None:
+        self.scraper = scraper
         self.max_age_s = max_age_s
         self._at = -1.0
         self._snapshot: dict[str, BackendLoad] = {}
@@ -34,6 +30,6 @@ class CachedLoads:
     def __call__(self) -> dict[str, BackendLoad]:
         now = time.monotonic()
         if now - self._at > self.max_age_s:
-            self._snapshot = self.source.snapshot()
+            self._snapshot = self.scraper.snapshot()
             self._at = now
         return self._snapshot

@@ -1164,24 +1164,26 @@ class _Harness:
     queue: Any = None  # the admission queue: the request is counted against its backend's cap (out of reach)
     stream_ends: Any = None  # where cut streams wait for Envoy's report
 
-    def stream(self) -> Any:
+    def __post_init__(self) -> None:
         from extproc.processor import RequestStream
 
-        if self.batch is None:  # older trees: stream-end reports only where the tree has them
-            ends = () if self.stream_ends is None else (self.stream_ends,)
-            return RequestStream(
-                self.gateway, self.quotas, self.loads, self.queue, self.recorder, self.access_log, *ends
-            )
-        return RequestStream(
-            self.gateway,
-            self.quotas,
-            self.loads,
-            self.queue,
-            self.recorder,
-            self.access_log,
-            self.stream_ends,
-            self.batch,
+        # By keyword, and only what the tree has (older trees take fewer parts); bound once, so the
+        # timed requests pay only the constructor, as a served stream does.
+        parts = {
+            "quotas": self.quotas,
+            "loads": self.loads,
+            "queue": self.queue,
+            "recorder": self.recorder,
+            "access_log": self.access_log,
+            "stream_ends": self.stream_ends,
+            "batch": self.batch,
+        }
+        self._new_stream = functools.partial(
+            RequestStream, self.gateway, **{name: part for name, part in parts.items() if part is not None}
         )
+
+    def stream(self) -> Any:
+        return self._new_stream()
 
     def finish(self, stream: Any) -> None:
         settlement = stream.finish()
